@@ -1,0 +1,154 @@
+"""Clip thresholds per (tensor, format): switchable clipping.
+
+INT4 and E5M2 want very different clips for the same tensor: a 4-bit integer
+grid spends its few levels best on a range well inside the outliers, while a
+float grid with a wide exponent range loses little by keeping them. So a clip
+is chosen per format, and a searchable layer keeps a table of clips with one
+row per format, selected together with the format (the idea of AdaBits'
+switchable clipping, as FLIQS uses it).
+
+Calibrators (each returns a clip: a scalar, or one value per channel along
+`axis`):
+
+* ``"max"``: max |x|.
+* ``"percentile"``: the `q`-th percentile of |x| (default 99.99).
+* ``"mse"``: the fraction of max |x| (searched over `fractions`, 0.1 to 1.0 by
+  default, as in the FLIQS public code) whose fake quantization in the given
+  format has the least squared error. Max clipping is among the candidates,
+  so the MSE clip is never worse than it.
+
+Activations change with the weights, so their clips are kept as running
+statistics: `update_running` folds one batch's calibration into the row of the
+format that was active for that batch, an exponential moving average that
+starts from the first observation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from keras import ops
+
+from fliqs_keras import quantizers
+
+DEFAULT_FRACTIONS = tuple(float(f) for f in np.round(np.arange(0.1, 1.0001, 0.05), 4))
+DEFAULT_PERCENTILE = 99.99
+
+
+def _channels_last(x, axis: int | None):
+    """|x| as a matrix [elements, channels] (channels = 1 when axis is None)."""
+    x = ops.abs(ops.cast(x, "float32"))
+    if axis is None:
+        return ops.reshape(x, (-1, 1))
+    rank = len(x.shape)
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}.")
+    x = ops.moveaxis(x, axis, -1)
+    return ops.reshape(x, (-1, x.shape[-1]))
+
+
+def _shape_result(values, axis: int | None):
+    return ops.reshape(values, ()) if axis is None else values
+
+
+def max_abs(x, axis: int | None = None):
+    """max |x| over the tensor, or per channel along `axis`."""
+    return _shape_result(ops.max(_channels_last(x, axis), axis=0), axis)
+
+
+def percentile(x, axis: int | None = None, q: float = DEFAULT_PERCENTILE):
+    """The `q`-th percentile (0 < q <= 100) of |x|, per tensor or per channel."""
+    if not 0 < q <= 100:
+        raise ValueError(f"percentile q must be in (0, 100], got {q}.")
+    return _shape_result(ops.quantile(_channels_last(x, axis), q / 100.0, axis=0), axis)
+
+
+def _check_fractions(fractions) -> np.ndarray:
+    values = np.asarray(fractions, np.float32).reshape(-1)
+    if values.size == 0 or np.any(~np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"fractions must be a non-empty list of positive numbers, got {fractions!r}.")
+    return values
+
+
+def mse_fraction(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIONS):
+    """The fraction of max |x| whose clip quantizes `x` in `fmt` with least squared error.
+
+    Args:
+        x: the tensor to calibrate.
+        fmt: a format, a name, or a grid tensor (see `quantizers.fake_quant`).
+        axis: the channel axis for one fraction per channel; None for one fraction.
+        fractions: the candidates; ties go to the smallest.
+    """
+    candidates = _check_fractions(fractions)
+    x = ops.stop_gradient(ops.cast(x, "float32"))
+    peak = max_abs(x, axis)
+    reduce_axes = None if axis is None else tuple(
+        i for i in range(len(x.shape)) if i != axis % len(x.shape)
+    )
+    errors = ops.stack(
+        [
+            ops.sum(
+                ops.square(quantizers.fake_quant(x, fmt, clip=float(f) * peak, axis=axis) - x),
+                axis=reduce_axes,
+            )
+            for f in candidates
+        ]
+    )
+    return ops.take(ops.convert_to_tensor(candidates), ops.argmin(errors, axis=0))
+
+
+def mse(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIONS):
+    """The MSE-optimal clip of `x` in `fmt` (see `mse_fraction`)."""
+    return mse_fraction(x, fmt, axis, fractions) * max_abs(x, axis)
+
+
+CALIBRATORS: dict[str, Callable[..., Any]] = {
+    "max": lambda x, fmt, axis, **options: max_abs(x, axis, **options),
+    "percentile": lambda x, fmt, axis, **options: percentile(x, axis, **options),
+    "mse": mse,
+}
+
+
+def calibrate(x, fmt: Any, method: str = "mse", axis: int | None = None, **options):
+    """The clip of `x` for `fmt` by the calibrator named `method` (see `CALIBRATORS`)."""
+    if method not in CALIBRATORS:
+        raise ValueError(f"Unknown clip calibrator {method!r}; expected one of {sorted(CALIBRATORS)}.")
+    return CALIBRATORS[method](x, fmt, axis, **options)
+
+
+def calibrate_formats(x, fmts, method: str = "mse", axis: int | None = None, **options):
+    """The switchable clip table of `x`: one row per format, shape [len(fmts)] or [len(fmts), C]."""
+    fmts = list(fmts)
+    if not fmts:
+        raise ValueError("calibrate_formats needs at least one format.")
+    return ops.stack([calibrate(x, fmt, method, axis, **options) for fmt in fmts])
+
+
+def update_running(table, counts, index, value, momentum: float = 0.99):
+    """Folds one observation into row `index` of a running clip table.
+
+    Args:
+        table: a variable [formats, ...] of running clips.
+        counts: an int variable [formats]: observations per row so far. A row
+            with none takes `value` as it is (no bias towards the initial value).
+        index: the row (the format that was active), an int scalar tensor.
+        value: the new observation, shaped like one row.
+        momentum: weight of the old value, in [0, 1).
+
+    Only the selected row changes, so a format that is not sampled keeps its
+    clip. A non-finite observation is ignored rather than written.
+    """
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+    rows = table.shape[0]
+    selected = ops.one_hot(index, rows, dtype="bool")
+    value = ops.cast(value, table.dtype)
+    finite = ops.all(ops.isfinite(value))
+    old = ops.take(table, index, axis=0)
+    seen = ops.take(counts, index) > 0
+    new = ops.where(seen, momentum * old + (1.0 - momentum) * value, value)
+    new = ops.where(finite, new, old)
+    mask = ops.reshape(selected, (rows,) + (1,) * (len(table.shape) - 1))
+    table.assign(ops.where(mask, ops.expand_dims(new, 0), table))
+    counts.assign(counts + ops.cast(ops.logical_and(selected, finite), counts.dtype))
