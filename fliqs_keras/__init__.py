@@ -1,13 +1,22 @@
 """fliqs_keras: one-shot mixed-precision integer and floating-point quantization search for Keras 3.
 
-The number formats (`formats`), the exact fake quantizers (`quantizers`) and
-the per-format clip calibration (`clipping`) are the numerical base of the
-search.
+`apply(model, search_space)` returns a searchable copy of a model: its
+convolution, dense and attention layers wrapped so that each quantizes its
+weights and inputs in the format currently chosen for it. The numerical base:
+`formats` (what a format is), `quantizers` (exact fake quantization) and
+`clipping` (per-format clip thresholds).
 """
 
-from fliqs_keras import clipping, formats, quantizers
+from fliqs_keras import clipping, formats, layers, quantizers
+from fliqs_keras.apply import apply, decisions, report, searchable_layers, set_formats
 from fliqs_keras.formats import FloatFormat, IntFormat
+from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, QuantizeWrapper
+from fliqs_keras.search_space import SearchSpace
 
 __version__ = "0.1.0"
 
-__all__ = ["FloatFormat", "IntFormat", "clipping", "formats", "quantizers", "__version__"]
+__all__ = [
+    "AttentionQuantizeWrapper", "FloatFormat", "IntFormat", "QuantizeConfig", "QuantizeWrapper",
+    "SearchSpace", "__version__", "apply", "clipping", "decisions", "formats", "layers",
+    "quantizers", "report", "searchable_layers", "set_formats",
+]

@@ -30,15 +30,16 @@ from typing import Any, Callable
 import numpy as np
 from keras import ops
 
-from fliqs_keras import quantizers
+from fliqs_keras import formats, quantizers
 
 DEFAULT_FRACTIONS = tuple(float(f) for f in np.round(np.arange(0.1, 1.0001, 0.05), 4))
 DEFAULT_PERCENTILE = 99.99
 
 
-def _channels_last(x, axis: int | None):
-    """|x| as a matrix [elements, channels] (channels = 1 when axis is None)."""
-    x = ops.abs(ops.cast(x, "float32"))
+def _channels_last(x, axis: int | None, absolute: bool = True):
+    """|x| (or x) as a matrix [elements, channels] (channels = 1 when axis is None)."""
+    x = ops.cast(x, "float32")
+    x = ops.abs(x) if absolute else x
     if axis is None:
         return ops.reshape(x, (-1, 1))
     rank = len(x.shape)
@@ -74,6 +75,9 @@ def _check_fractions(fractions) -> np.ndarray:
 def mse_fraction(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIONS):
     """The fraction of max |x| whose clip quantizes `x` in `fmt` with least squared error.
 
+    All candidates are evaluated in one batched quantization ([fractions,
+    elements, channels]), so calibration is one fused kernel per tensor shape.
+
     Args:
         x: the tensor to calibrate.
         fmt: a format, a name, or a grid tensor (see `quantizers.fake_quant`).
@@ -81,21 +85,20 @@ def mse_fraction(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIO
         fractions: the candidates; ties go to the smallest.
     """
     candidates = _check_fractions(fractions)
-    x = ops.stop_gradient(ops.cast(x, "float32"))
-    peak = max_abs(x, axis)
-    reduce_axes = None if axis is None else tuple(
-        i for i in range(len(x.shape)) if i != axis % len(x.shape)
-    )
-    errors = ops.stack(
-        [
-            ops.sum(
-                ops.square(quantizers.fake_quant(x, fmt, clip=float(f) * peak, axis=axis) - x),
-                axis=reduce_axes,
-            )
-            for f in candidates
-        ]
-    )
-    return ops.take(ops.convert_to_tensor(candidates), ops.argmin(errors, axis=0))
+    grid = quantizers.grid_tensor(fmt) if isinstance(fmt, (str, dict, formats.IntFormat, formats.FloatFormat)) \
+        else ops.cast(fmt, "float32")
+    matrix = _channels_last(ops.stop_gradient(x), axis, absolute=False)
+    best = _best_fraction(matrix, grid, ops.convert_to_tensor(candidates))
+    return _shape_result(best, axis)
+
+
+@quantizers.compiled
+def _best_fraction(matrix, grid, candidates):
+    peak = ops.max(ops.abs(matrix), axis=0)
+    clips = candidates[:, None] * peak[None, :]
+    quantized = quantizers.quantize_clipped(matrix[None], grid, clips[:, None, :])
+    errors = ops.sum(ops.square(quantized - matrix[None]), axis=1)
+    return ops.take(candidates, ops.argmin(errors, axis=0))
 
 
 def mse(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIONS):

@@ -168,16 +168,36 @@ def _quantize_clipped(x, grid, clip, unit_scale):
     if unit_scale:
         return quantize_dequantize(x, grid)
     low, high = _clip_range(grid, clip)
-    return quantize_dequantize(ops.clip(x, low, high), grid, ops.maximum(clip / grid[1], _SMALLEST_NORMAL))
+    # minimum/maximum rather than clip: the clip may broadcast x to a larger shape.
+    saturated = ops.minimum(ops.maximum(x, low), high)
+    return quantize_dequantize(saturated, grid, ops.maximum(clip / grid[1], _SMALLEST_NORMAL))
 
 
-if backend.backend() == "tensorflow":
+def compiled(function):
+    """`function` compiled by XLA into fused kernels (on the TensorFlow backend).
+
+    Applied even where the surrounding step is a plain graph (Keras turns XLA
+    off on CPU-only machines): unfused, the twenty-odd elementwise ops of a
+    quantizer each make a pass over the tensor. Other backends compile whole
+    steps themselves.
+    """
+    if backend.backend() != "tensorflow":
+        return function
     import tensorflow as tf
 
-    # Fused by XLA into one kernel even where the surrounding step is a plain
-    # graph (Keras turns XLA off on CPU-only machines): unfused, the twenty-odd
-    # elementwise ops each make a pass over the tensor.
-    _quantize_clipped = tf.function(_quantize_clipped, jit_compile=True)
+    return tf.function(function, jit_compile=True)
+
+
+_quantize_clipped = compiled(_quantize_clipped)
+
+
+def quantize_clipped(x, grid, clip):
+    """`x` saturated at the clip and rounded onto `grid` scaled to it; no gradient, no checks.
+
+    For calibration, where `clip` may broadcast against `x` in any way (one
+    candidate clip per leading slice, say). `grid` is a tensor [4].
+    """
+    return _quantize_clipped(ops.cast(x, "float32"), grid, ops.maximum(ops.cast(clip, "float32"), MIN_CLIP), False)
 
 
 def fake_quant(x, fmt: Any, clip: Any = None, axis: int | None = None):

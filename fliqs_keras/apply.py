@@ -1,0 +1,264 @@
+"""`apply(model, search_space)`: the searchable copy of a Keras model, and its report.
+
+The model is cloned (Sequential and Functional models, nested ones included);
+every layer the search space assigns formats to is wrapped, every other layer
+is copied as it is, and the weights carry over, so the original model is left
+untouched. The report says, for every layer, whether it was wrapped (with its
+choices and decisions) or not, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterator
+
+import keras
+from absl import logging
+from keras.src.models.functional import Functional
+
+from fliqs_keras import formats, layers
+from fliqs_keras.search_space import SearchSpace
+
+_NO_QUANTIZED_OP = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One line of the report."""
+
+    path: str
+    layer_type: str
+    status: str  # "searched", "fixed", "float" or "skipped"
+    weight_formats: tuple[str, ...] = ()
+    activation_formats: tuple[str, ...] = ()
+    decisions: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    """What `apply` did to every layer, and the rules that matched nothing."""
+
+    layers: list[LayerReport]
+    warnings: list[str]
+
+    def __getitem__(self, path: str) -> LayerReport:
+        for entry in self.layers:
+            if entry.path == path:
+                return entry
+        raise KeyError(f"No layer {path!r} in the report; layers: {[e.path for e in self.layers]}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [dataclasses.asdict(e) for e in self.layers], "warnings": list(self.warnings)}
+
+    def __str__(self) -> str:
+        width = max([len(e.path) for e in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'type':<22}{'status':<10}details"]
+        for e in self.layers:
+            if e.status in ("searched", "fixed"):
+                detail = "formats " + ", ".join(e.weight_formats or ("float",))
+                if e.activation_formats != e.weight_formats:
+                    detail += "; inputs " + ", ".join(e.activation_formats or ("float",))
+                detail += f"; decision {', '.join(e.decisions)}"
+            else:
+                detail = e.reason
+            lines.append(f"{e.path:<{width}}  {e.layer_type:<22}{e.status:<10}{detail}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _check_model(model: Any):
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"apply needs a keras.Model, got {type(model).__name__}.")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise ValueError(
+            f"Model {model.name!r} is a subclassed model ({type(model).__name__}); apply can clone only "
+            "Sequential and Functional models. Build it with the Functional or Sequential API, or wrap "
+            "its layers yourself with fliqs_keras.layers.wrap(layer, formats) in its __init__."
+        )
+    if not model.built or (isinstance(model, keras.Sequential) and not model.inputs):
+        raise ValueError(
+            f"Model {model.name!r} is not built: give it a keras.Input (or call model.build(shape)) "
+            "before apply, so that every layer has its weights."
+        )
+
+
+def _walk(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
+    """(path, layer) for every layer, nested models included (the models themselves too)."""
+    for layer in model.layers:
+        path = prefix + layer.name
+        yield path, layer
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer, path + "/")
+
+
+def _skip_reason(layer: keras.layers.Layer) -> str:
+    if isinstance(layer, keras.Model):
+        return "nested model: its layers are listed under it"
+    if isinstance(layer, _NO_QUANTIZED_OP):
+        return "normalization: no quantized op (batch norm folds into the preceding layer at export)"
+    if not layer.weights:
+        return "no weights to quantize"
+    return (f"unsupported layer type {type(layer).__name__}; supported: "
+            f"{', '.join(sorted(t.__name__ for t in layers.DEFAULT_CONFIGS))}")
+
+
+def _plan(model: keras.Model, space: SearchSpace):
+    """Per layer: its Resolution (wrap) or a LayerReport (no wrap); plus rule warnings."""
+    plans, entries, used_rules = {}, [], set()
+    decision_choices: dict[str, tuple[tuple[formats.Format, ...], str]] = {}
+    for path, layer in _walk(model):
+        layer_type = type(layer).__name__
+        if isinstance(layer, keras.Model) or layers.default_config(layer) is None:
+            rule = _explicit_rule(space, layer.name, layer_type)
+            if rule is not None and not rule.choices.is_float and not isinstance(layer, keras.Model):
+                raise ValueError(
+                    f"Search space rule {rule.key!r} gives formats to layer {path!r}, but its type "
+                    f"{layer_type} cannot be quantized: {_skip_reason(layer)}."
+                )
+            if rule is not None:
+                used_rules.add(rule.key)
+            entries.append(LayerReport(path, layer_type, "skipped", reason=_skip_reason(layer)))
+            continue
+        resolution = space.resolve(layer.name, layer_type)
+        used_rules.add(resolution.rule)
+        if resolution.choices.is_float:
+            entries.append(LayerReport(path, layer_type, "float", reason=f"left in float by rule {resolution.rule!r}"))
+            continue
+        decisions = []
+        for name, choices in ((resolution.weight_decision, resolution.choices.weights),
+                              (resolution.activation_decision, resolution.choices.activations)):
+            if not choices or name in decisions:
+                continue
+            decisions.append(name)
+            earlier = decision_choices.setdefault(name, (choices, path))
+            if earlier[0] != choices:
+                raise ValueError(
+                    f"Layers {earlier[1]!r} and {path!r} share decision {name!r} but have different "
+                    f"choices ({[f.name for f in earlier[0]]} and {[f.name for f in choices]})."
+                )
+        plans[id(layer)] = resolution
+        entries.append(LayerReport(
+            path, layer_type, "fixed" if resolution.choices.fixed else "searched",
+            tuple(f.name for f in resolution.choices.weights),
+            tuple(f.name for f in resolution.choices.activations), tuple(decisions)))
+    warnings = [f"search space rule {rule.key!r} matches no layer" for rule in space.rules
+                if rule.key not in used_rules and rule.kind != "default"]
+    return plans, entries, warnings
+
+
+def _explicit_rule(space: SearchSpace, name: str, layer_type: str):
+    """The name or type rule that targets a layer, or None (the "*" rule is never explicit)."""
+    for rule in space.rules:
+        if rule.kind == "name" and re.fullmatch(rule.key, name):
+            return rule
+    return next((r for r in space.rules if r.kind == "type" and r.key == layer_type), None)
+
+
+def apply(model: keras.Model, search_space: Any = None) -> keras.Model:
+    """Returns the searchable copy of `model` under `search_space`.
+
+    Args:
+        model: a built Sequential or Functional model (keras.applications
+            models included; nested models are cloned recursively).
+        search_space: a `SearchSpace` or anything `SearchSpace.get` takes; None
+            means every supported layer searches over `search_space.DEFAULT_CHOICES`.
+
+    Raises:
+        ValueError: for a subclassed or unbuilt model, an unknown format, a rule
+            that gives formats to a layer that cannot be quantized, or layers
+            that share a decision with different choices.
+    """
+    _check_model(model)
+    space = SearchSpace.get(search_space if search_space is not None else {})
+    plans, entries, warnings = _plan(model, space)
+    if not plans:
+        raise ValueError(
+            f"The search space wraps no layer of model {model.name!r}:\n"
+            + str(Report(entries, warnings))
+        )
+
+    def clone(layer):
+        fresh = layer.__class__.from_config(layer.get_config())
+        resolution = plans.get(id(layer))
+        if resolution is None:
+            return fresh
+        return layers.wrap(
+            fresh, resolution.choices.weights, resolution.choices.activations,
+            weight_decision=resolution.weight_decision, activation_decision=resolution.activation_decision)
+
+    searchable = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    _copy_weights(model, searchable)
+    for wrapper in searchable_layers(searchable):
+        wrapper.calibrate_weights()
+    searchable._fliqs_report = Report(entries, warnings)
+    for warning in warnings:
+        logging.warning("fliqs_keras.apply: %s", warning)
+    return searchable
+
+
+def _copy_weights(source: keras.Model, target: keras.Model):
+    by_name = {layer.name: layer for layer in target.layers}
+    for layer in source.layers:
+        if not layer.weights:
+            continue
+        clone = by_name[layer.name]
+        if isinstance(layer, keras.Model):
+            _copy_weights(layer, clone)
+        elif layers.is_searchable(clone):
+            clone.layer.set_weights(layer.get_weights())
+        else:
+            clone.set_weights(layer.get_weights())
+
+
+def searchable_layers(model: keras.Model) -> list:
+    """Every searchable wrapper in `model`, nested models included, in layer order."""
+    return [layer for _, layer in _walk(model) if layers.is_searchable(layer)]
+
+
+def decisions(model: keras.Model) -> dict[str, tuple[formats.Format, ...]]:
+    """Every decision of a searchable model with its choices, in layer order."""
+    result = {}
+    for wrapper in searchable_layers(model):
+        result.update(wrapper.decisions)
+    return result
+
+
+def set_formats(model: keras.Model, choice: Any):
+    """Sets the current format of decisions: one format for all, or ``{decision: format}``.
+
+    Raises ValueError naming the decision when a format is not among its choices.
+    """
+    wrappers = searchable_layers(model)
+    if not wrappers:
+        raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
+    known = decisions(model)
+    mapping = dict(choice) if isinstance(choice, dict) else {name: choice for name in known}
+    unknown = set(mapping) - set(known)
+    if unknown:
+        raise ValueError(f"Unknown decisions {sorted(unknown)}; the model has {list(known)}.")
+    for wrapper in wrappers:
+        for name in wrapper.decisions:
+            if name in mapping:
+                wrapper.set_format(name, mapping[name])
+
+
+def report(model: keras.Model) -> Report:
+    """The report of a model made by `apply` (rebuilt from its layers after a reload)."""
+    stored = getattr(model, "_fliqs_report", None)
+    if stored is not None:
+        return stored
+    if not searchable_layers(model):
+        raise ValueError(f"Model {model.name!r} was not made by fliqs_keras.apply: it has no searchable layers.")
+    entries = []
+    for path, layer in _walk(model):
+        if layers.is_searchable(layer):
+            fixed = len(layer.weight_formats) <= 1 and len(layer.activation_formats) <= 1
+            entries.append(LayerReport(
+                path, type(layer.layer).__name__, "fixed" if fixed else "searched",
+                tuple(f.name for f in layer.weight_formats), tuple(f.name for f in layer.activation_formats),
+                tuple(layer.decisions)))
+        else:
+            entries.append(LayerReport(path, type(layer).__name__, "skipped", reason=_skip_reason(layer)))
+    return Report(entries, [])

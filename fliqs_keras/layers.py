@@ -1,0 +1,377 @@
+"""Searchable quantized layers: QuantizeConfigs and the wrappers that apply them.
+
+A `QuantizeConfig` says which weights of a layer are quantized (by attribute
+path, with the axis where its output channels start) and whether its inputs
+are; it has the shape of tfmot's QuantizeConfig, for Keras 3. A wrapper holds
+the layer, its format choices and its state:
+
+* the current choice of each decision, an int variable read inside the
+  compiled step: switching format is an assignment, never a retrace, and only
+  one quantizer runs whatever the number of choices (single path);
+* switchable clipping: per (weight, format) one clip fraction per output
+  channel, calibrated by MSE (`calibrate_weights`), times the channel's
+  current max |w|; per (input, format) a running clip, the MSE-optimal clip of
+  a slice of each training batch averaged over steps, updated only for the
+  format that was active. Inputs that have never been negative are quantized
+  on the unsigned grid of an integer format (post-ReLU activations keep all
+  their levels), as an asymmetric TFLite int8 tensor with zero point -128 does.
+
+The quantized kernels reach the wrapped layer through `keras.StatelessScope`,
+so the layer's own `call` runs unchanged on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from fliqs_keras import clipping, formats, quantizers
+
+ACTIVATION_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Candidate clip fractions of max |x| for the running activation clips."""
+ACTIVATION_SAMPLE = 4
+"""Examples of each training batch on which the activation clip is calibrated."""
+
+
+@keras.saving.register_keras_serializable(package="fliqs_keras")
+class QuantizeConfig:
+    """Which weights and inputs of a layer are quantized.
+
+    Args:
+        weights: ``{attribute path: first channel axis}``, e.g. ``{"kernel": -1}``
+            for Dense and Conv2D, ``{"kernel": 2}`` for DepthwiseConv2D (its
+            channels are in x multiplier), ``{"_query_dense.kernel": 1, ...}``
+            for the projections inside MultiHeadAttention.
+        quantize_inputs: whether the layer's input tensors are quantized.
+        per_channel_weights: one clip per output channel (else per tensor).
+    """
+
+    def __init__(self, weights: dict[str, int], quantize_inputs: bool = True,
+                 per_channel_weights: bool = True):
+        if not weights and not quantize_inputs:
+            raise ValueError("A QuantizeConfig that quantizes neither weights nor inputs does nothing.")
+        self.weights = {str(path): int(axis) for path, axis in weights.items()}
+        self.quantize_inputs = bool(quantize_inputs)
+        self.per_channel_weights = bool(per_channel_weights)
+
+    def get_weights(self, layer: keras.layers.Layer) -> list[tuple[str, Any]]:
+        """The (path, variable) pairs to quantize; a missing path is an error naming it."""
+        result = []
+        for path in self.weights:
+            target = layer
+            for part in path.split("."):
+                target = getattr(target, part, None)
+                if target is None:
+                    raise ValueError(
+                        f"Layer {layer.name!r} ({type(layer).__name__}) has no weight {path!r} to quantize."
+                    )
+            result.append((path, target))
+        return result
+
+    def channels(self, path: str, shape: Sequence[int]) -> int:
+        if not self.per_channel_weights:
+            return 1
+        return int(np.prod(shape[self.weights[path] % len(shape):]))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights), "quantize_inputs": self.quantize_inputs,
+                "per_channel_weights": self.per_channel_weights}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuantizeConfig":
+        return cls(**config)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, QuantizeConfig) and self.get_config() == other.get_config()
+
+    def __repr__(self) -> str:
+        return f"QuantizeConfig({self.get_config()})"
+
+
+_ATTENTION_WEIGHTS = {"_query_dense.kernel": 1, "_key_dense.kernel": 1, "_value_dense.kernel": 1,
+                      "_output_dense.kernel": -1}
+
+DEFAULT_CONFIGS: dict[type, QuantizeConfig] = {
+    keras.layers.Conv1D: QuantizeConfig({"kernel": -1}),
+    keras.layers.Conv2D: QuantizeConfig({"kernel": -1}),
+    keras.layers.DepthwiseConv2D: QuantizeConfig({"kernel": 2}),
+    keras.layers.Dense: QuantizeConfig({"kernel": -1}),
+    keras.layers.EinsumDense: QuantizeConfig({"kernel": -1}),
+    keras.layers.MultiHeadAttention: QuantizeConfig(_ATTENTION_WEIGHTS),
+}
+"""The layer types searched by default (exact types: a subclass may change `call`)."""
+
+
+def default_config(layer: keras.layers.Layer) -> QuantizeConfig | None:
+    """The built-in QuantizeConfig of a layer's exact type, or None when unsupported."""
+    return DEFAULT_CONFIGS.get(type(layer))
+
+
+def _format_names(fmts) -> list[str]:
+    return [formats.get(f).name for f in fmts]
+
+
+def _nonnegative_grid(fmt: formats.Format) -> formats.Grid:
+    """The grid used for inputs never seen negative: unsigned for integers."""
+    if isinstance(fmt, formats.IntFormat) and fmt.signed:
+        return formats.IntFormat(fmt.bits, signed=False).grid
+    return fmt.grid
+
+
+class _SearchableWrapper(keras.layers.Wrapper):
+    """State and quantizers shared by the wrappers of each layer family."""
+
+    input_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        weight_formats: Sequence[Any] = ("int8",),
+        activation_formats: Sequence[Any] | None = None,
+        weight_decision: str | None = None,
+        activation_decision: str | None = None,
+        quantize_config: QuantizeConfig | dict | None = None,
+        activation_momentum: float = 0.9,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        if isinstance(quantize_config, dict):
+            quantize_config = keras.saving.deserialize_keras_object(quantize_config)
+        self.quantize_config = quantize_config or default_config(layer)
+        if self.quantize_config is None:
+            raise ValueError(
+                f"Layer {layer.name!r} of type {type(layer).__name__} has no built-in QuantizeConfig; "
+                f"supported: {sorted(t.__name__ for t in DEFAULT_CONFIGS)}. Pass quantize_config=..."
+            )
+        self.weight_formats = tuple(formats.get(f) for f in weight_formats)
+        activation_formats = weight_formats if activation_formats is None else activation_formats
+        self.activation_formats = (
+            tuple(formats.get(f) for f in activation_formats) if self.quantize_config.quantize_inputs else ()
+        )
+        if not self.weight_formats and not self.activation_formats:
+            raise ValueError(f"Layer {layer.name!r}: no formats to choose from; leave it unwrapped instead.")
+        self.weight_decision = weight_decision or layer.name
+        self.activation_decision = activation_decision or self.weight_decision
+        self.joint = (
+            self.weight_decision == self.activation_decision
+            and bool(self.weight_formats) and self.weight_formats == self.activation_formats
+        )
+        if self.weight_decision == self.activation_decision and not self.joint and (
+            self.weight_formats and self.activation_formats
+        ):
+            raise ValueError(
+                f"Layer {layer.name!r}: weights and activations share decision "
+                f"{self.weight_decision!r} but have different choices."
+            )
+        if not 0 <= activation_momentum < 1:
+            raise ValueError(f"activation_momentum must be in [0, 1), got {activation_momentum}.")
+        self.activation_momentum = float(activation_momentum)
+
+    # --- state -----------------------------------------------------------------
+
+    def _build_state(self):
+        if self.joint:
+            self.format_index = self.add_weight(
+                name="format_index", shape=(), dtype="int32", initializer="zeros", trainable=False,
+                aggregation="only_first_replica")
+        else:
+            self.weight_index = self._index_variable("weight_format_index", self.weight_formats)
+            self.activation_index = self._index_variable("activation_format_index", self.activation_formats)
+        self._fractions = []
+        for path, variable in self._weights_to_quantize():
+            channels = self.quantize_config.channels(path, variable.shape)
+            self._fractions.append(self.add_weight(
+                name=path.replace(".", "_").lstrip("_") + "_clip_fractions",
+                shape=(len(self.weight_formats), channels), initializer="ones", trainable=False,
+                aggregation="mean"))
+        self._input_state = []
+        for name in self.input_names if self.activation_formats else ():
+            rows = len(self.activation_formats)
+            self._input_state.append((
+                self.add_weight(name=f"{name}_clips", shape=(rows,), initializer="zeros",
+                                trainable=False, aggregation="mean"),
+                self.add_weight(name=f"{name}_clip_counts", shape=(rows,), dtype="int32",
+                                initializer="zeros", trainable=False, aggregation="only_first_replica"),
+                self.add_weight(name=f"{name}_negative", shape=(), initializer="zeros",
+                                trainable=False, aggregation="mean"),
+            ))
+
+    def _index_variable(self, name, choices):
+        if not choices:
+            return None
+        return self.add_weight(name=name, shape=(), dtype="int32", initializer="zeros",
+                               trainable=False, aggregation="only_first_replica")
+
+    def _weights_to_quantize(self):
+        return self.quantize_config.get_weights(self.layer) if self.weight_formats else []
+
+    @property
+    def decisions(self) -> dict[str, tuple[formats.Format, ...]]:
+        """The decisions this layer takes part in, with their choices."""
+        result = {}
+        if self.weight_formats:
+            result[self.weight_decision] = self.weight_formats
+        if self.activation_formats:
+            result[self.activation_decision] = self.activation_formats
+        return result
+
+    def _weight_index(self):
+        return self.format_index if self.joint else self.weight_index
+
+    def _activation_index(self):
+        return self.format_index if self.joint else self.activation_index
+
+    def set_format(self, decision: str, fmt: Any):
+        """Makes `fmt` the current choice of `decision` (an assignment: no retrace)."""
+        fmt = formats.get(fmt)
+        if decision not in self.decisions:
+            raise ValueError(f"Layer {self.name!r} has no decision {decision!r}; it has {list(self.decisions)}.")
+        choices = self.decisions[decision]
+        if fmt not in choices:
+            raise ValueError(
+                f"Layer {self.name!r}, decision {decision!r}: {fmt.name} is not among the choices "
+                f"{_format_names(choices)}."
+            )
+        index = choices.index(fmt)
+        if self.joint:
+            self.format_index.assign(index)
+            return
+        if decision == self.weight_decision and self.weight_formats:
+            self.weight_index.assign(index)
+        if decision == self.activation_decision and self.activation_formats:
+            self.activation_index.assign(index)
+
+    def current_formats(self) -> dict[str, formats.Format]:
+        """The format each decision of this layer holds now."""
+        result = {}
+        if self.weight_formats:
+            result[self.weight_decision] = self.weight_formats[int(self._weight_index().numpy())]
+        if self.activation_formats:
+            result[self.activation_decision] = self.activation_formats[int(self._activation_index().numpy())]
+        return result
+
+    # --- numerics ------------------------------------------------------------------
+
+    def calibrate_weights(self, fractions=clipping.DEFAULT_FRACTIONS):
+        """Chooses, per format and output channel, the MSE-optimal clip fraction of max |w|."""
+        for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
+            matrix = self._as_matrix(path, variable)
+            rows = [clipping.mse_fraction(matrix, fmt, axis=1, fractions=fractions)
+                    for fmt in self.weight_formats]
+            table.assign(ops.cast(ops.stack(rows), table.dtype))
+
+    def _as_matrix(self, path, weight):
+        channels = self.quantize_config.channels(path, weight.shape)
+        return ops.reshape(ops.convert_to_tensor(weight), (-1, channels))
+
+    def _quantized_weights(self):
+        if not self.weight_formats:
+            return []
+        index = self._weight_index()
+        grid = ops.take(quantizers.grid_table(self.weight_formats), index, axis=0)
+        mapping = []
+        for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
+            matrix = self._as_matrix(path, variable)
+            clip = ops.take(table, index, axis=0) * clipping.max_abs(matrix, axis=1)
+            quantized = quantizers.fake_quant(matrix, grid, clip=clip, axis=1)
+            mapping.append((variable, ops.reshape(quantized, variable.shape)))
+        return mapping
+
+    def _quantize_input(self, slot: int, x, training):
+        if not self.activation_formats or x is None:
+            return x
+        clips, counts, negative = self._input_state[slot]
+        index = self._activation_index()
+        signed = quantizers.grid_table(self.activation_formats)
+        unsigned = ops.convert_to_tensor(
+            np.asarray([_nonnegative_grid(f) for f in self.activation_formats], np.float32))
+        x32 = ops.stop_gradient(ops.cast(x, "float32"))
+        batch_negative = ops.cast(ops.min(x32) < 0, "float32")
+        if training:
+            negative.assign(ops.maximum(negative, batch_negative))
+        # A format never calibrated (no training step in it yet) takes its sign
+        # and its clip (max |x|) from the batch itself.
+        calibrated = ops.take(counts, index) > 0
+        is_signed = ops.where(calibrated, negative, batch_negative) > 0
+        grid = ops.where(is_signed, ops.take(signed, index, axis=0), ops.take(unsigned, index, axis=0))
+        if training:
+            batch_clip = clipping.mse(x32[:ACTIVATION_SAMPLE], grid, fractions=ACTIVATION_FRACTIONS)
+            clipping.update_running(clips, counts, index, batch_clip, self.activation_momentum)
+            calibrated = ops.take(counts, index) > 0
+        clip = ops.where(calibrated, ops.take(clips, index), ops.max(ops.abs(x32)))
+        return quantizers.fake_quant(x, grid, clip=clip)
+
+    def _call_layer(self, *args, **kwargs):
+        with keras.StatelessScope(state_mapping=self._quantized_weights()):
+            return self.layer(*args, **kwargs)
+
+    # --- serialisation ---------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({
+            "weight_formats": _format_names(self.weight_formats),
+            "activation_formats": _format_names(self.activation_formats),
+            "weight_decision": self.weight_decision,
+            "activation_decision": self.activation_decision,
+            "quantize_config": keras.saving.serialize_keras_object(self.quantize_config),
+            "activation_momentum": self.activation_momentum,
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package="fliqs_keras")
+class QuantizeWrapper(_SearchableWrapper):
+    """Searchable quantization of a one-input layer: Conv1D, Conv2D, DepthwiseConv2D, Dense, EinsumDense."""
+
+    input_names = ("input",)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self._build_state()
+
+    def call(self, inputs, training=None):
+        return self._call_layer(self._quantize_input(0, inputs, training))
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="fliqs_keras")
+class AttentionQuantizeWrapper(_SearchableWrapper):
+    """Searchable quantization of MultiHeadAttention: its four projections and its inputs.
+
+    The attention matmuls themselves (scores and the weighted sum) stay in float.
+    """
+
+    input_names = ("query", "value", "key")
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        if not self.layer.built:
+            self.layer.build(query_shape, value_shape, key_shape)
+        self._build_state()
+
+    def call(self, query, value, key=None, training=None, **kwargs):
+        query_q = self._quantize_input(0, query, training)
+        value_q = query_q if value is query else self._quantize_input(1, value, training)
+        key_q = None if key is None else self._quantize_input(2, key, training)
+        return self._call_layer(query_q, value_q, key_q, training=training, **kwargs)
+
+    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
+        return self.layer.compute_output_shape(query_shape, value_shape, key_shape)
+
+
+def wrap(layer: keras.layers.Layer, weight_formats, activation_formats=None, **kwargs) -> _SearchableWrapper:
+    """The wrapper of the right family for `layer`."""
+    cls = AttentionQuantizeWrapper if isinstance(layer, keras.layers.MultiHeadAttention) else QuantizeWrapper
+    return cls(layer, weight_formats, activation_formats, **kwargs)
+
+
+def is_searchable(layer: Any) -> bool:
+    return isinstance(layer, _SearchableWrapper)
+
