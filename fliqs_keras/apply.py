@@ -84,13 +84,13 @@ def _check_model(model: Any):
         )
 
 
-def _walk(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
+def walk_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
     """(path, layer) for every layer, nested models included (the models themselves too)."""
     for layer in model.layers:
         path = prefix + layer.name
         yield path, layer
         if isinstance(layer, keras.Model):
-            yield from _walk(layer, path + "/")
+            yield from walk_layers(layer, path + "/")
 
 
 def _skip_reason(layer: keras.layers.Layer) -> str:
@@ -108,7 +108,7 @@ def _plan(model: keras.Model, space: SearchSpace):
     """Per layer: its Resolution (wrap) or a LayerReport (no wrap); plus rule warnings."""
     plans, entries, used_rules = {}, [], set()
     decision_choices: dict[str, tuple[tuple[formats.Format, ...], str]] = {}
-    for path, layer in _walk(model):
+    for path, layer in walk_layers(model):
         layer_type = type(layer).__name__
         if isinstance(layer, keras.Model) or layers.default_config(layer) is None:
             rule = _explicit_rule(space, layer.name, layer_type)
@@ -214,7 +214,7 @@ def _copy_weights(source: keras.Model, target: keras.Model):
 
 def searchable_layers(model: keras.Model) -> list:
     """Every searchable wrapper in `model`, nested models included, in layer order."""
-    return [layer for _, layer in _walk(model) if layers.is_searchable(layer)]
+    return [layer for _, layer in walk_layers(model) if layers.is_searchable(layer)]
 
 
 def decisions(model: keras.Model) -> dict[str, tuple[formats.Format, ...]]:
@@ -252,7 +252,7 @@ def report(model: keras.Model) -> Report:
     if not searchable_layers(model):
         raise ValueError(f"Model {model.name!r} was not made by fliqs_keras.apply: it has no searchable layers.")
     entries = []
-    for path, layer in _walk(model):
+    for path, layer in walk_layers(model):
         if layers.is_searchable(layer):
             fixed = len(layer.weight_formats) <= 1 and len(layer.activation_formats) <= 1
             entries.append(LayerReport(

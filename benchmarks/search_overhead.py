@@ -1,0 +1,195 @@
+"""Training-step time and peak memory of a small ResNet with 1, 2, 4 and 8 format choices per layer.
+
+Single-path search means the number of choices must not cost time or memory:
+each step quantizes every layer in ONE format. This runs, side by side in one
+invocation, the float model and the searchable model with 1, 2, 4 and 8
+choices per layer, each in its own process (so that peak memory is its own),
+switching every layer to a random choice before each step. Target: 8 choices
+<= 1.05x the time and memory of 1 choice.
+
+Writes `search_overhead.json` and `search_overhead.png` to --output_dir.
+
+    .venv/bin/python benchmarks/search_overhead.py [--steps=60] [--rounds=3] [--batch_size=64]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 60, "Timed training steps per configuration.")
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds over the configurations; each keeps its best.")
+flags.DEFINE_integer("warmup", 8, "Untimed steps first (tracing, compilation).")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("image_size", 32, "Side of the synthetic square RGB images.")
+flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON and PNG go.")
+flags.DEFINE_string("worker", "", "Internal: run one configuration and print its JSON.")
+
+CHOICES = {
+    1: ["int8"],
+    2: ["int4", "int8"],
+    4: ["int2", "int4", "int8", "e4m3"],
+    8: ["int2", "int3", "int4", "int8", "e5m2", "e4m3", "e3m4", "e2m1"],
+}
+TARGET = 1.05
+
+
+def small_resnet(image_size: int):
+    """A CIFAR-style ResNet: a stem and three stages of one basic block each."""
+    import keras
+
+    def block(x, filters, stride, name):
+        shortcut = x
+        y = keras.layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+        y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+        y = keras.layers.ReLU()(y)
+        y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+        y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+        if stride != 1 or shortcut.shape[-1] != filters:
+            shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj")(shortcut)
+        return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="stem_bn")(x))
+    for i, (filters, stride) in enumerate([(16, 1), (32, 2), (64, 2)]):
+        x = block(x, filters, stride, f"stage{i + 1}")
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="small_resnet")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_worker(config: str) -> dict:
+    import keras
+    import numpy as np
+
+    import fliqs_keras
+
+    keras.utils.set_random_seed(0)
+    steps = FLAGS.warmup + FLAGS.steps
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (steps * FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)).astype(np.float32)
+    y = rng.integers(0, 10, len(x))
+    baseline_mib = _rss_mib()
+    model = small_resnet(FLAGS.image_size)
+    switch = None
+    if config != "float":
+        choices = CHOICES[int(config)]
+        model = fliqs_keras.apply(model, choices)
+        names = list(fliqs_keras.decisions(model))
+
+        class Switch(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                fliqs_keras.set_formats(model, {n: choices[rng.integers(len(choices))] for n in names})
+
+        switch = Switch()
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    callbacks = [c for c in (switch, Timer()) if c is not None]
+    model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "config": config,
+        "step_seconds_median": statistics.median(times[FLAGS.warmup:]),
+        "peak_rss_mib": peak_mib,
+        "training_increment_mib": peak_mib - baseline_mib,
+        "jit_compile": bool(model.jit_compile),
+    }
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [r["config"] for r in results["runs"]]
+    labels = ["float" if c == "float" else f"{c} choice{'s' if c != '1' else ''}" for c in configs]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(labels, [r["step_seconds_median"] * 1000 for r in results["runs"]], color="tab:blue")
+    left.set_ylabel("median training step (ms)")
+    right.bar(labels, [r["training_increment_mib"] for r in results["runs"]], color="tab:orange")
+    right.set_ylabel("peak RSS above start (MiB)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelsize=8)
+    figure.suptitle(f"Single-path search overhead: small ResNet, batch {results['batch_size']}, "
+                    f"{results['image_size']}x{results['image_size']}, {results['device']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        print(json.dumps(run_worker(FLAGS.worker)))
+        return
+    best = {}
+    for _ in range(FLAGS.rounds):
+        for config in ["float", "1", "2", "4", "8"]:
+            flags_passed = [f"--{name}={getattr(FLAGS, name)}" for name in
+                            ("steps", "warmup", "batch_size", "image_size")]
+            output = subprocess.run(
+                [sys.executable, __file__, f"--worker={config}", *flags_passed],
+                capture_output=True, text=True, check=True,
+                env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
+            run = json.loads(output.stdout.strip().splitlines()[-1])
+            print(run)
+            # Interleaved rounds; the least disturbed run of each configuration counts.
+            if config not in best or run["step_seconds_median"] < best[config]["step_seconds_median"]:
+                best[config] = run
+    runs = list(best.values())
+    one = next(r for r in runs if r["config"] == "1")
+    eight = next(r for r in runs if r["config"] == "8")
+    float_run = next(r for r in runs if r["config"] == "float")
+    results = {
+        "benchmark": "search_overhead",
+        "device": "CPU (2 cores)" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "GPU",
+        "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size,
+        "steps": FLAGS.steps,
+        "rounds": FLAGS.rounds,
+        "runs": runs,
+        "ratios": {
+            "time_8_over_1": eight["step_seconds_median"] / one["step_seconds_median"],
+            "memory_increment_8_over_1": eight["training_increment_mib"] / one["training_increment_mib"],
+            "peak_rss_8_over_1": eight["peak_rss_mib"] / one["peak_rss_mib"],
+            "time_1_over_float": one["step_seconds_median"] / float_run["step_seconds_median"],
+        },
+        "target": f"8 choices <= {TARGET}x the time and memory of 1 choice",
+    }
+    results["meets_target"] = (results["ratios"]["time_8_over_1"] <= TARGET
+                               and results["ratios"]["memory_increment_8_over_1"] <= TARGET)
+    output_dir = pathlib.Path(FLAGS.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "search_overhead.json").write_text(json.dumps(results, indent=2))
+    _plot(results, output_dir / "search_overhead.png")
+    print(json.dumps(results["ratios"], indent=2), "meets target:", results["meets_target"])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,317 @@
+"""What a searchable model costs in a given assignment of formats.
+
+Cost knows shapes and bits, not training. For every searchable layer it counts,
+from the built shapes of the model's graph:
+
+* MACs: for a kernel layer, the kernel's size times the output positions it
+  slides over (Conv1D, Conv2D, DepthwiseConv2D, Dense, EinsumDense); for
+  MultiHeadAttention, its four projections plus its two attention matmuls
+  (scores and weighted sum). A layer called several times counts every call.
+* BOPs = MACs x bits_w x bits_a, where a float format counts its total width.
+  The attention matmuls multiply two activations, which stay in float32 here
+  (only the projections are quantized), so they count 32 x 32 whatever the
+  layer's format: a constant part of the cost that the search cannot move.
+* model size = quantized weight parameters x bits_w.
+* a table cost: any per-(layer, format) number (latency, energy) read from a
+  JSON file ``{layer path: {format name: cost}}``.
+
+`CostModel` holds these as arrays, so that the controller can evaluate the cost
+of sampled choices inside a compiled step; `bops`, `size_bits` and `summary`
+are the convenient front doors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any, Mapping
+
+import keras
+import numpy as np
+
+from fliqs_keras import formats, layers
+from fliqs_keras.apply import walk_layers
+
+METRICS = ("bops", "size", "table")
+FLOAT_BITS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """The shape facts of one searchable layer."""
+
+    path: str
+    layer_type: str
+    macs: int
+    params: int
+    fixed_bops: int  # BOPs no format choice changes (attention matmuls in float32)
+    weight_decision: str | None
+    activation_decision: str | None
+    weight_choices: tuple[formats.Format, ...]
+    activation_choices: tuple[formats.Format, ...]
+
+
+def _node_shapes(layer) -> list[tuple[list, list]]:
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if not nodes:
+        raise ValueError(
+            f"Layer {layer.name!r} has no call recorded in a model graph, so its MACs cannot be counted: "
+            "cost needs a Functional or Sequential model built on a keras.Input."
+        )
+    return [([tuple(t.shape) for t in node.input_tensors], [tuple(t.shape) for t in node.output_tensors])
+            for node in nodes]
+
+
+def _static(layer, shape) -> tuple[int, ...]:
+    if any(dim is None for dim in shape[1:]):
+        raise ValueError(
+            f"Layer {layer.name!r} has a dynamic shape {shape}; cost needs static shapes "
+            "(give keras.Input a full shape, e.g. (224, 224, 3))."
+        )
+    return tuple(shape[1:])
+
+
+def _kernel_macs(layer, input_shape, output_shape) -> int:
+    """The kernel's size times the positions it is applied at."""
+    kernel = tuple(layer.kernel.shape)
+    if isinstance(layer, keras.layers.EinsumDense):
+        # Positions are the input elements over the dims the kernel contracts.
+        if "..." in layer.equation:
+            raise ValueError(f"Layer {layer.name!r}: MACs of EinsumDense equations with '...' are not counted.")
+        operands = layer.equation.split("->")[0].split(",")
+        contracted = [dim for letter, dim in zip(operands[0][-len(input_shape):], input_shape)
+                      if letter in operands[1]]
+        positions = int(np.prod(_static(layer, input_shape))) // int(np.prod(contracted))
+    else:
+        # Conv and Dense: output positions = output elements / output channels
+        # (in x multiplier channels for a depthwise kernel).
+        channels = kernel[-2] * kernel[-1] if isinstance(layer, keras.layers.DepthwiseConv2D) else kernel[-1]
+        positions = int(np.prod(_static(layer, output_shape))) // channels
+    return positions * int(np.prod(kernel))
+
+
+def _attention_macs(mha, input_shapes) -> tuple[int, int]:
+    """(projection MACs, attention matmul MACs) of one MultiHeadAttention call."""
+    query = _static(mha, input_shapes[0])
+    value = _static(mha, input_shapes[1]) if len(input_shapes) > 1 else query
+    key = _static(mha, input_shapes[2]) if len(input_shapes) > 2 else value
+    query_positions = int(np.prod(query[:-1]))
+    key_positions = int(np.prod(key[:-1]))
+    value_positions = int(np.prod(value[:-1]))
+    projections = (
+        query_positions * int(np.prod(mha._query_dense.kernel.shape))
+        + key_positions * int(np.prod(mha._key_dense.kernel.shape))
+        + value_positions * int(np.prod(mha._value_dense.kernel.shape))
+        + query_positions * int(np.prod(mha._output_dense.kernel.shape))
+    )
+    heads = mha._num_heads
+    matmuls = query_positions * key_positions * heads * (mha._key_dim + (mha._value_dim or mha._key_dim))
+    return projections, matmuls
+
+
+def layer_costs(model: keras.Model) -> list[LayerCost]:
+    """The shape facts of every searchable layer of `model`, in layer order."""
+    result = []
+    for path, layer in walk_layers(model):
+        if not layers.is_searchable(layer):
+            continue
+        inner = layer.layer
+        macs = fixed = 0
+        for input_shapes, output_shapes in _node_shapes(layer):
+            if isinstance(inner, keras.layers.MultiHeadAttention):
+                projections, matmuls = _attention_macs(inner, input_shapes)
+                macs += projections
+                fixed += matmuls * FLOAT_BITS * FLOAT_BITS
+            else:
+                macs += _kernel_macs(inner, input_shapes[0], output_shapes[0])
+        params = sum(int(np.prod(v.shape)) for _, v in layer.quantize_config.get_weights(inner))
+        result.append(LayerCost(
+            path, type(inner).__name__, macs, params, fixed,
+            layer.weight_decision if layer.weight_formats else None,
+            layer.activation_decision if layer.activation_formats else None,
+            layer.weight_formats, layer.activation_formats))
+    if not result:
+        raise ValueError(
+            f"Model {model.name!r} has no searchable layers: cost is counted for models made by "
+            "fliqs_keras.apply."
+        )
+    return result
+
+
+def _bits(fmt: formats.Format | None) -> int:
+    return FLOAT_BITS if fmt is None else fmt.bits
+
+
+def load_table(path: str | pathlib.Path) -> dict[str, dict[str, float]]:
+    """A cost table from JSON: ``{layer path: {format name: cost}}``, validated."""
+    try:
+        table = json.loads(pathlib.Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read cost table {str(path)!r}: {error}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"Cost table {str(path)!r} must map layer paths to {{format: cost}}.")
+    clean = {}
+    for layer_path, row in table.items():
+        if not isinstance(row, dict) or not row:
+            raise ValueError(f"Cost table {str(path)!r}: entry {layer_path!r} must be a non-empty {{format: cost}}.")
+        clean[layer_path] = {}
+        for name, value in row.items():
+            fmt = formats.get(name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Cost table {str(path)!r}: {layer_path!r}/{name!r} must be a number >= 0.")
+            clean[layer_path][fmt.name] = float(value)
+    return clean
+
+
+class CostModel:
+    """The cost of every assignment of formats to the decisions of a searchable model.
+
+    Args:
+        model: a model made by `fliqs_keras.apply`.
+        metric: ``"bops"``, ``"size"`` (bits of the quantized weights) or
+            ``"table"`` (needs `table`).
+        table: for ``"table"``: ``{layer path: {format name: cost}}`` or a JSON
+            file of it; the weight format of a layer selects its entry.
+    """
+
+    def __init__(self, model: keras.Model, metric: str = "bops", table: Any = None):
+        if metric not in METRICS:
+            raise ValueError(f"Unknown cost metric {metric!r}; expected one of {METRICS}.")
+        self.metric = metric
+        self.layers = layer_costs(model)
+        self.decisions: dict[str, tuple[formats.Format, ...]] = {}
+        for entry in self.layers:
+            for name, choices in ((entry.weight_decision, entry.weight_choices),
+                                  (entry.activation_decision, entry.activation_choices)):
+                if name is not None:
+                    self.decisions.setdefault(name, choices)
+        if metric == "table":
+            if table is None:
+                raise ValueError("The 'table' cost metric needs table=... (a dict or a JSON file).")
+            self.table = load_table(table) if isinstance(table, (str, pathlib.Path)) else {
+                path: {formats.get(k).name: float(v) for k, v in row.items()} for path, row in table.items()}
+            missing = [e.path for e in self.layers if e.path not in self.table]
+            if missing:
+                raise ValueError(f"The cost table has no entry for layers {missing}.")
+        else:
+            self.table = None
+
+    def layer_cost(self, entry: LayerCost, weight: formats.Format | None,
+                   activation: formats.Format | None) -> float:
+        if self.metric == "bops":
+            return entry.macs * _bits(weight) * _bits(activation) + entry.fixed_bops
+        if self.metric == "size":
+            return entry.params * _bits(weight)
+        name = (weight or formats.get("fp32")).name
+        if name not in self.table[entry.path]:
+            raise ValueError(f"The cost table has no cost for layer {entry.path!r} in {name}.")
+        return self.table[entry.path][name]
+
+    def cost(self, assignment: Mapping[str, Any]) -> float:
+        """The total for ``{decision: format}`` (every decision must be given)."""
+        chosen = {name: formats.get(fmt) for name, fmt in assignment.items()}
+        missing = set(self.decisions) - set(chosen)
+        if missing:
+            raise ValueError(f"No format given for decisions {sorted(missing)}.")
+        return float(sum(self.layer_cost(e, chosen.get(e.weight_decision), chosen.get(e.activation_decision))
+                         for e in self.layers))
+
+    def uniform(self, fmt: Any) -> float:
+        """The cost of the model with every searchable layer in `fmt`, whatever its choices."""
+        fmt = formats.get(fmt)
+        return float(sum(self.layer_cost(e, fmt if e.weight_choices else None,
+                                         fmt if e.activation_choices else None) for e in self.layers))
+
+    def bounds(self) -> tuple[float, float]:
+        """The cheapest and dearest cost reachable with the choices of the search space."""
+        totals = []
+        for pick in (min, max):
+            assignment = {}
+            for name, choices in self.decisions.items():
+                # Every metric grows with the bit width, and decisions add up independently.
+                assignment[name] = pick(choices, key=lambda f: (f.bits, f.name))
+            totals.append(self.cost(assignment) if self.metric != "table" else self._table_extreme(pick))
+        return totals[0], totals[1]
+
+    def _table_extreme(self, pick) -> float:
+        best = {}
+        for entry in self.layers:
+            options = [self.table[entry.path][f.name] for f in entry.weight_choices if f.name in self.table[entry.path]]
+            if not options:
+                raise ValueError(f"The cost table has no cost for any choice of layer {entry.path!r}.")
+            best[entry.path] = pick(options)
+        if len({e.weight_decision for e in self.layers}) != len(self.layers):
+            raise ValueError("Table costs with decisions shared by several layers are not supported.")
+        return float(sum(best.values()))
+
+    def target(self, spec: Any) -> float:
+        """An absolute target from a number, a format name ("int4": the uniform INT4
+        cost) or a format times a factor ("int4*1.25" or ("int4", 1.25)).
+
+        Raises ValueError, naming both bounds, when the target cannot be reached.
+        """
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            value = float(spec)
+        else:
+            factor = 1.0
+            if isinstance(spec, (tuple, list)) and len(spec) == 2:
+                spec, factor = spec
+            elif isinstance(spec, str) and "*" in spec:
+                spec, factor_text = spec.split("*", 1)
+                try:
+                    factor = float(factor_text)
+                except ValueError:
+                    raise ValueError(f"Bad cost target factor {factor_text!r} in {spec!r}*{factor_text!r}.") from None
+            value = self.uniform(formats.get(str(spec).strip())) * float(factor)
+        low, high = self.bounds()
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(
+                f"Cost target {value:.6g} ({self.metric}) is outside what the search space can reach: "
+                f"between {low:.6g} (every decision at its cheapest choice) and {high:.6g} (at its dearest)."
+            )
+        return value
+
+
+def _current_assignment(model) -> dict[str, formats.Format]:
+    assignment = {}
+    for _, layer in walk_layers(model):
+        if layers.is_searchable(layer):
+            assignment.update(layer.current_formats())
+    return assignment
+
+
+def bops(model: keras.Model, fmt: Any = None) -> float:
+    """Total BOPs of a searchable model: every layer at `fmt` if given, else in its current formats."""
+    cost = CostModel(model, "bops")
+    return cost.uniform(fmt) if fmt is not None else cost.cost(_current_assignment(model))
+
+
+def size_bits(model: keras.Model, fmt: Any = None) -> float:
+    """Bits of the quantized weights: every layer at `fmt` if given, else in its current formats."""
+    cost = CostModel(model, "size")
+    return cost.uniform(fmt) if fmt is not None else cost.cost(_current_assignment(model))
+
+
+def summary(model: keras.Model) -> str:
+    """A table per searchable layer: MACs, params, current format, BOPs and weight bytes."""
+    cost = CostModel(model)
+    assignment = _current_assignment(model)
+    rows = []
+    for e in cost.layers:
+        weight = assignment.get(e.weight_decision)
+        activation = assignment.get(e.activation_decision)
+        name = (weight.name if weight else "float") + (
+            "" if activation == weight else f"/{activation.name if activation else 'float'}")
+        rows.append((e.path, e.macs, e.params, name, cost.layer_cost(e, weight, activation),
+                     e.params * _bits(weight) / 8))
+    width = max(len(r[0]) for r in rows + [("layer",)])
+    lines = [f"{'layer':<{width}} {'MACs':>14} {'params':>10} {'format':>12} {'GBOPs':>10} {'bytes':>12}"]
+    lines += [f"{p:<{width}} {m:>14,} {n:>10,} {f:>12} {b / 1e9:>10.4f} {s:>12,.0f}" for p, m, n, f, b, s in rows]
+    lines.append(f"{'total':<{width}} {sum(r[1] for r in rows):>14,} {sum(r[2] for r in rows):>10,} {'':>12} "
+                 f"{sum(r[4] for r in rows) / 1e9:>10.4f} {sum(r[5] for r in rows):>12,.0f}")
+    return "\n".join(lines)
+
+
+
