@@ -7,16 +7,19 @@ weights and inputs in the format currently chosen for it. The numerical base:
 `clipping` (per-format clip thresholds).
 """
 
-from fliqs_keras import clipping, formats, layers, quantizers
-from fliqs_keras.apply import apply, decisions, report, searchable_layers, set_formats
+from fliqs_keras import clipping, controller, cost, formats, layers, quantizers
+from fliqs_keras.apply import apply, report, set_formats
+from fliqs_keras.callback import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
 from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, QuantizeWrapper
+from fliqs_keras.search_model import SearchModel, decisions, policy, searchable_layers
 from fliqs_keras.search_space import SearchSpace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionQuantizeWrapper", "FloatFormat", "IntFormat", "QuantizeConfig", "QuantizeWrapper",
-    "SearchSpace", "__version__", "apply", "clipping", "decisions", "formats", "layers",
-    "quantizers", "report", "searchable_layers", "set_formats",
+    "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig",
+    "QuantizeWrapper", "SearchModel", "SearchSpace", "__version__", "apply", "clipping", "controller",
+    "cost", "decisions", "formats", "layers", "policy", "quantizers", "report", "searchable_layers",
+    "set_formats",
 ]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import keras
 from absl import logging
 from keras.src.models.functional import Functional
 
 from fliqs_keras import formats, layers
+from fliqs_keras.search_model import SearchModel, decisions, searchable_layers, walk_layers
 from fliqs_keras.search_space import SearchSpace
 
 _NO_QUANTIZED_OP = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
@@ -84,15 +85,6 @@ def _check_model(model: Any):
         )
 
 
-def walk_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
-    """(path, layer) for every layer, nested models included (the models themselves too)."""
-    for layer in model.layers:
-        path = prefix + layer.name
-        yield path, layer
-        if isinstance(layer, keras.Model):
-            yield from walk_layers(layer, path + "/")
-
-
 def _skip_reason(layer: keras.layers.Layer) -> str:
     if isinstance(layer, keras.Model):
         return "nested model: its layers are listed under it"
@@ -156,8 +148,8 @@ def _explicit_rule(space: SearchSpace, name: str, layer_type: str):
     return next((r for r in space.rules if r.kind == "type" and r.key == layer_type), None)
 
 
-def apply(model: keras.Model, search_space: Any = None) -> keras.Model:
-    """Returns the searchable copy of `model` under `search_space`.
+def apply(model: keras.Model, search_space: Any = None) -> SearchModel:
+    """Returns the searchable copy of `model` under `search_space`, a `SearchModel`.
 
     Args:
         model: a built Sequential or Functional model (keras.applications
@@ -179,7 +171,7 @@ def apply(model: keras.Model, search_space: Any = None) -> keras.Model:
             + str(Report(entries, warnings))
         )
 
-    def clone(layer):
+    def clone_layer(layer):
         fresh = layer.__class__.from_config(layer.get_config())
         resolution = plans.get(id(layer))
         if resolution is None:
@@ -188,8 +180,11 @@ def apply(model: keras.Model, search_space: Any = None) -> keras.Model:
             fresh, resolution.choices.weights, resolution.choices.activations,
             weight_decision=resolution.weight_decision, activation_decision=resolution.activation_decision)
 
-    searchable = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    _copy_weights(model, searchable)
+    cloned = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    _copy_weights(model, cloned)
+    inputs = cloned.inputs[0] if len(cloned.inputs) == 1 else cloned.inputs
+    outputs = cloned.outputs[0] if len(cloned.outputs) == 1 else cloned.outputs
+    searchable = SearchModel(inputs=inputs, outputs=outputs, name=model.name)
     for wrapper in searchable_layers(searchable):
         wrapper.calibrate_weights()
     searchable._fliqs_report = Report(entries, warnings)
@@ -210,19 +205,6 @@ def _copy_weights(source: keras.Model, target: keras.Model):
             clone.layer.set_weights(layer.get_weights())
         else:
             clone.set_weights(layer.get_weights())
-
-
-def searchable_layers(model: keras.Model) -> list:
-    """Every searchable wrapper in `model`, nested models included, in layer order."""
-    return [layer for _, layer in walk_layers(model) if layers.is_searchable(layer)]
-
-
-def decisions(model: keras.Model) -> dict[str, tuple[formats.Format, ...]]:
-    """Every decision of a searchable model with its choices, in layer order."""
-    result = {}
-    for wrapper in searchable_layers(model):
-        result.update(wrapper.decisions)
-    return result
 
 
 def set_formats(model: keras.Model, choice: Any):

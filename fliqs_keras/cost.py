@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from fliqs_keras import formats, layers
-from fliqs_keras.apply import walk_layers
+from fliqs_keras.search_model import walk_layers
 
 METRICS = ("bops", "size", "table")
 FLOAT_BITS = 32
@@ -245,6 +245,66 @@ class CostModel:
         if len({e.weight_decision for e in self.layers}) != len(self.layers):
             raise ValueError("Table costs with decisions shared by several layers are not supported.")
         return float(sum(best.values()))
+
+    def _layer_tables(self, decision_order: list[str]):
+        """Per layer: decision positions (-1: float) and per-choice costs, as arrays."""
+        position = {name: i for i, name in enumerate(decision_order)}
+        width = max(len(choices) for choices in self.decisions.values())
+        weights = np.array([position.get(e.weight_decision, -1) for e in self.layers], np.int32)
+        activations = np.array([position.get(e.activation_decision, -1) for e in self.layers], np.int32)
+        bits = np.full((len(decision_order) + 1, width), float(FLOAT_BITS), np.float32)
+        for name, choices in self.decisions.items():
+            bits[position[name], :len(choices)] = [f.bits for f in choices]
+        table = np.zeros((len(self.layers), width), np.float32)
+        if self.metric == "table":
+            for i, e in enumerate(self.layers):
+                for k, f in enumerate(e.weight_choices):
+                    table[i, k] = self.table[e.path].get(f.name, np.nan)
+        return weights, activations, bits, table
+
+    def graph_cost(self, indices, decision_order: list[str]):
+        """The cost of sampled choice `indices` ([decisions] int, in `decision_order`), in graph ops."""
+        from keras import ops
+
+        weights, activations, bits, table = self._layer_tables(decision_order)
+        # Float layers point at an extra row of 32-bit "choices", selected by index 0.
+        w_rows = np.where(weights < 0, len(decision_order), weights)
+        a_rows = np.where(activations < 0, len(decision_order), activations)
+        padded = ops.concatenate([ops.cast(indices, "int32"), ops.zeros((1,), "int32")])
+        w_index, a_index = ops.take(padded, w_rows), ops.take(padded, a_rows)
+        bits = ops.convert_to_tensor(bits)
+        w_bits = ops.take_along_axis(ops.take(bits, w_rows, axis=0), w_index[:, None], axis=1)[:, 0]
+        a_bits = ops.take_along_axis(ops.take(bits, a_rows, axis=0), a_index[:, None], axis=1)[:, 0]
+        if self.metric == "bops":
+            macs = np.array([e.macs for e in self.layers], np.float32)
+            fixed = float(sum(e.fixed_bops for e in self.layers))
+            return ops.sum(macs * w_bits * a_bits) + fixed
+        if self.metric == "size":
+            return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits)
+        return ops.sum(ops.take_along_axis(ops.convert_to_tensor(table), w_index[:, None], axis=1))
+
+    def expected_cost(self, probabilities, decision_order: list[str]):
+        """The cost expected under a policy ([decisions, max choices] probabilities)."""
+        from keras import ops
+
+        weights, activations, bits, table = self._layer_tables(decision_order)
+        p = ops.concatenate([ops.cast(probabilities, "float32"),
+                             ops.one_hot(ops.zeros((1,), "int32"), bits.shape[1])], axis=0)
+        w_rows = np.where(weights < 0, len(decision_order), weights)
+        a_rows = np.where(activations < 0, len(decision_order), activations)
+        w_p, a_p = ops.take(p, w_rows, axis=0), ops.take(p, a_rows, axis=0)
+        w_bits, a_bits = bits[w_rows], bits[a_rows]
+        if self.metric == "bops":
+            macs = np.array([e.macs for e in self.layers], np.float32)
+            shared = (weights == activations) & (weights >= 0)
+            # One decision for both: E[b^2]; two independent decisions: E[b_w] E[b_a].
+            joint = ops.sum(w_p * w_bits * a_bits, axis=1)
+            apart = ops.sum(w_p * w_bits, axis=1) * ops.sum(a_p * a_bits, axis=1)
+            fixed = float(sum(e.fixed_bops for e in self.layers))
+            return ops.sum(macs * ops.where(shared, joint, apart)) + fixed
+        if self.metric == "size":
+            return ops.sum(np.array([e.params for e in self.layers], np.float32) * ops.sum(w_p * w_bits, axis=1))
+        return ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
 
     def target(self, spec: Any) -> float:
         """An absolute target from a number, a format name ("int4": the uniform INT4

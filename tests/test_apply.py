@@ -76,8 +76,10 @@ def test_sequential_and_nested_models():
     fliqs_keras.set_formats(searchable, "fp32")
     x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
     np.testing.assert_array_equal(searchable(x).numpy(), model(x).numpy())
-    sequential = fliqs_keras.apply(inner, "int8")
-    assert isinstance(sequential, keras.Sequential) and len(fliqs_keras.searchable_layers(sequential)) == 2
+    searchable_sequential = fliqs_keras.apply(inner, "int8")
+    assert isinstance(searchable_sequential, fliqs_keras.SearchModel)
+    assert len(fliqs_keras.searchable_layers(searchable_sequential)) == 2
+    np.testing.assert_array_equal(searchable_sequential(x).numpy().shape, (4, 4))
 
 
 @pytest.mark.parametrize("application", ["ResNet50", "MobileNetV2"])

@@ -1,0 +1,237 @@
+"""`FliqsSearch`: the Keras callback that turns `model.fit` into a one-shot format search.
+
+    searchable = fliqs_keras.apply(model, ["int2", "int4", "int8"])
+    searchable.compile(optimizer, loss, metrics=["accuracy"])
+    searchable.fit(train, epochs=10, callbacks=[
+        fliqs_keras.FliqsSearch(cost="bops", target="int4", validation_data=held_out)])
+    fliqs_keras.policy(searchable)   # {"conv1": "int8", "conv2": "int4", ...}
+
+It installs a search step in the model's compiled training step. Each step:
+
+1. draws one choice per decision from the policy with noise seeded by
+   (seed, step) — uniformly during the warm-up — and makes it current in
+   every layer (single path: one format per layer per step);
+2. trains the shared weights in those formats (the model's own train step);
+3. measures the quality Q of the same formats: accuracy on a slice of the
+   held-out data (default, TuNAS-style) or minus the loss on the training
+   batch (``quality="loss"``, no held-out data needed), and the cost C;
+4. after the warm-up, updates the policy with the reward (`controller.reward`)
+   and the entropy penalty of the schedule.
+
+No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
+(every replica draws the same formats) and TPUs work. The reward, cost ratio,
+expected cost ratio and mean policy entropy appear in the Keras logs. At the
+end the argmax policy is frozen into the layers: the model then evaluates in
+the chosen formats with the trained weights, no retraining.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+from absl import logging
+from keras import ops
+
+from fliqs_keras import controller as controller_lib
+from fliqs_keras.cost import CostModel
+from fliqs_keras.search_model import SearchModel, decisions, policy
+
+QUALITIES = ("accuracy", "loss")
+
+
+def _held_out_arrays(validation_data: Any, limit: int):
+    """(x, y) NumPy arrays of at most `limit` held-out examples."""
+    if isinstance(validation_data, (tuple, list)) and len(validation_data) == 2:
+        x, y = validation_data
+        x, y = np.asarray(x), np.asarray(y)
+    elif hasattr(validation_data, "as_numpy_iterator"):
+        xs, ys, count = [], [], 0
+        for batch in validation_data.as_numpy_iterator():
+            if not isinstance(batch, tuple) or len(batch) < 2:
+                raise ValueError("validation_data must yield (x, y) batches.")
+            xs.append(batch[0])
+            ys.append(batch[1])
+            count += len(batch[0])
+            if count >= limit:
+                break
+        if not xs:
+            raise ValueError("validation_data is empty.")
+        x, y = np.concatenate(xs), np.concatenate(ys)
+    else:
+        raise ValueError("validation_data must be an (x, y) pair of arrays or a tf.data.Dataset of (x, y) batches.")
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"validation_data needs as many labels as inputs (> 0), got {len(x)} and {len(y)}.")
+    return x[:limit], y[:limit]
+
+
+class FliqsSearch(keras.callbacks.Callback):
+    """Runs the FLIQS one-shot search during `fit` (see the module docstring).
+
+    Args:
+        cost: ``"bops"``, ``"size"`` or ``"table"``.
+        target: the cost target: a number, a format (``"int4"``: the cost of
+            the uniform INT4 model) or a format times a factor (``"int4*1.2"``).
+        beta: weight of the cost term in the reward (>= 0).
+        reward: ``"absolute"`` (default), ``"one_sided"`` or ``"multiplicative"``.
+        quality: ``"accuracy"`` on `validation_data` (default) or ``"loss"``.
+        validation_data: held-out (x, y) for the quality signal (needed for
+            ``"accuracy"``); at most `held_out_size` examples are kept.
+        held_out_batch_size: held-out examples per step.
+        warmup: fraction of the training steps with uniform sampling and a frozen policy.
+        entropy_weight: the maximum of the entropy penalty; `entropy_schedule`
+            is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
+        learning_rate, baseline_momentum: of the controller (Adam, EMA).
+        seed: seed of the format draws.
+        total_steps: training steps of the whole run, where Keras cannot tell
+            (datasets of unknown length).
+        cost_table: for ``cost="table"``: a dict or JSON file.
+        log_dir: where to write per-decision probabilities for TensorBoard.
+    """
+
+    def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
+                 reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
+                 held_out_size: int = 2048, held_out_batch_size: int = 256, warmup: float = 0.25,
+                 entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
+                 learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
+                 total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None):
+        super().__init__()
+        if quality not in QUALITIES:
+            raise ValueError(f"Unknown quality {quality!r}; expected one of {QUALITIES}.")
+        if quality == "accuracy" and validation_data is None:
+            raise ValueError("quality='accuracy' needs validation_data=(x, y) held out from training "
+                             "(or use quality='loss').")
+        if not 0 <= warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
+        controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
+        controller_lib.entropy_weight(0, 2, 0, entropy_weight, entropy_schedule)
+        if entropy_weight < 0:
+            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}.")
+        self.cost_metric, self.target_spec, self.beta = cost, target, float(beta)
+        self.reward_kind, self.quality = reward, quality
+        self.validation_data = validation_data
+        self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
+        self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
+        self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
+        self.total_steps_arg, self.cost_table, self.log_dir = total_steps, cost_table, log_dir
+        self.history: list[dict[str, Any]] = []
+        self._writer = None
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def set_model(self, model):
+        if not isinstance(model, SearchModel):
+            raise ValueError(
+                f"FliqsSearch needs a model made by fliqs_keras.apply, got {type(model).__name__} "
+                f"{getattr(model, 'name', '')!r}.")
+        super().set_model(model)
+        self.costs = CostModel(model, self.cost_metric, self.cost_table)
+        self.target = self.costs.target(self.target_spec)
+        policy = model.controller
+        policy.learning_rate, policy.baseline_momentum, policy.seed = (
+            float(self.learning_rate), float(self.baseline_momentum), self.seed)
+        if self.quality == "accuracy":
+            x, y = _held_out_arrays(self.validation_data, self.held_out_size)
+            try:
+                prediction = keras.ops.convert_to_numpy(model(x[:2], training=False))
+            except Exception as error:  # noqa: BLE001 - the model names the shape problem
+                raise ValueError(
+                    f"validation_data does not fit the model: inputs of shape {x.shape[1:]} "
+                    f"for a model that takes {tuple(model.inputs[0].shape[1:])} ({error})") from None
+            if y.ndim == prediction.ndim and y.shape[-1] == prediction.shape[-1]:
+                y = np.argmax(y, axis=-1)
+            if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+                raise ValueError(f"validation_data labels must be class indices or one-hot, got shape {y.shape}.")
+            self.held_out = (x.astype(model.inputs[0].dtype), y.reshape(-1).astype(np.int32))
+
+    def on_train_begin(self, logs=None):
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        total = self.total_steps_arg or (epochs * steps if epochs and steps else None)
+        if not total:
+            raise ValueError("FliqsSearch cannot tell the number of training steps; pass total_steps=...")
+        self.total_steps = int(total)
+        self.warmup_steps = min(int(self.warmup * self.total_steps), self.total_steps - 1)
+        self.model.search_step = self._search_step
+        self.model.make_train_function(force=True)
+        if self.log_dir:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    # --- the compiled search step ----------------------------------------------------------
+
+    def _quality(self, model, data, step):
+        if self.quality == "loss":
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=False), sample_weight=sample_weight)
+            return -ops.cast(loss, "float32")
+        x, y = self.held_out
+        size = min(self.held_out_batch_size, len(x))
+        start = ops.mod(ops.cast(step, "int32") * size, len(x))
+        rows = ops.mod(start + ops.arange(size, dtype="int32"), len(x))
+        prediction = model(ops.take(ops.convert_to_tensor(x), rows, axis=0), training=False)
+        labels = ops.take(ops.convert_to_tensor(y), rows)
+        accuracy = ops.mean(ops.cast(ops.equal(ops.cast(ops.argmax(prediction, axis=-1), "int32"), labels),
+                                     "float32"))
+        # argmax turns NaN predictions into a class: a broken model must not look accurate.
+        return ops.where(ops.all(ops.isfinite(prediction)), accuracy, float("nan"))
+
+    def _search_step(self, model, data, base_train_step):
+        policy = model.controller
+        step = model.optimizer.iterations
+        warm = step < self.warmup_steps
+        indices = policy.sample(step, uniform=warm)
+        model.assign_choices(indices)
+        logs = base_train_step(data)
+        quality = self._quality(model, data, step)
+        cost = self.costs.graph_cost(indices, model.decision_names)
+        value = controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind)
+        if "loss" in logs:
+            value = ops.where(ops.isfinite(ops.cast(logs["loss"], "float32")), value, float("nan"))
+        penalty = controller_lib.entropy_weight(step, self.total_steps, self.warmup_steps, self.entropy_max,
+                                                self.entropy_schedule)
+        policy.update(indices, value, penalty, active=ops.logical_not(warm))
+        expected = self.costs.expected_cost(policy.probabilities(), model.decision_names)
+        logs = dict(logs)
+        logs.update({"reward": value, "quality": quality, "cost_ratio": cost / self.target,
+                     "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy())})
+        return logs
+
+    # --- reporting and the end ---------------------------------------------------------------
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "reward" in logs and not math.isfinite(float(logs["reward"])):
+            logging.warning("FliqsSearch: non-finite reward at batch %d (loss %s): the policy update was "
+                            "skipped; the policy and the training state are kept.", batch, logs.get("loss"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = self.model
+        probabilities = keras.ops.convert_to_numpy(model.controller.probabilities())
+        choices = decisions(model)
+        record = {"epoch": epoch, "probabilities": {
+            name: {f.name: float(p) for f, p in zip(choices[name], row)}
+            for name, row in zip(model.decision_names, probabilities)}}
+        self.history.append(record)
+        if self._writer is not None:
+            import tensorflow as tf
+
+            with self._writer.as_default(step=epoch):
+                for name, row in record["probabilities"].items():
+                    for fmt, p in row.items():
+                        tf.summary.scalar(f"fliqs/{name}/{fmt}", p)
+                tf.summary.scalar("fliqs/expected_cost_ratio", float(
+                    self.costs.expected_cost(model.controller.probabilities(), model.decision_names)) / self.target)
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        model = self.model
+        model.search_step = None
+        model.assign_choices(model.controller.argmax())
+        model.make_train_function(force=True)
+        chosen = policy(model)
+        final = self.costs.cost(chosen)
+        logging.info("FliqsSearch: final policy %s, cost %.4g (%.3f of the target)", chosen, final,
+                     final / self.target)
+

@@ -1,0 +1,86 @@
+"""The searchable model: a Functional model that owns the policy and can run the search step.
+
+`apply` returns a `SearchModel`. Without a `FliqsSearch` callback it trains
+like any Keras model, in the formats its layers currently hold (fixed-format
+QAT). With one, each training step also draws the formats, trains in them and
+updates the policy, all inside the compiled step (see `callback`).
+
+The controller is a sub-layer, so its logits, baseline, Adam moments and
+update count are saved by `.keras` files, `ModelCheckpoint` and
+`BackupAndRestore` with the rest of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from fliqs_keras import formats, layers
+from fliqs_keras.controller import Controller
+
+
+def walk_layers(model: keras.Model, prefix: str = ""):
+    """(path, layer) for every layer, nested models included (the models themselves too)."""
+    for layer in model.layers:
+        path = prefix + layer.name
+        yield path, layer
+        if isinstance(layer, keras.Model):
+            yield from walk_layers(layer, path + "/")
+
+
+def searchable_layers(model: keras.Model) -> list:
+    """Every searchable wrapper in `model`, nested models included, in layer order."""
+    return [layer for _, layer in walk_layers(model) if layers.is_searchable(layer)]
+
+
+def decisions(model: keras.Model) -> dict[str, tuple[formats.Format, ...]]:
+    """Every decision of a searchable model with its choices, in layer order."""
+    result = {}
+    for wrapper in searchable_layers(model):
+        result.update(wrapper.decisions)
+    return result
+
+
+@keras.saving.register_keras_serializable(package="fliqs_keras")
+class SearchModel(keras.Model):
+    """A Functional model of searchable layers with its format policy.
+
+    Built by `fliqs_keras.apply`; constructed like a Functional model
+    (``SearchModel(inputs, outputs)``), which is also how it is revived.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decision_names = list(decisions(self))
+        if not self.decision_names:
+            raise ValueError(f"SearchModel {self.name!r} has no searchable layers: build it with fliqs_keras.apply.")
+        choices = decisions(self)
+        self.controller = Controller([len(choices[name]) for name in self.decision_names], name="fliqs_controller")
+        self.search_step = None
+
+    def assign_choices(self, indices):
+        """Makes choice `indices` ([decisions] int, in `decision_names` order) current in every layer."""
+        position = {name: i for i, name in enumerate(self.decision_names)}
+        for wrapper in searchable_layers(self):
+            if wrapper.joint:
+                wrapper.format_index.assign(indices[position[wrapper.weight_decision]])
+                continue
+            if wrapper.weight_formats:
+                wrapper.weight_index.assign(indices[position[wrapper.weight_decision]])
+            if wrapper.activation_formats:
+                wrapper.activation_index.assign(indices[position[wrapper.activation_decision]])
+
+    def train_step(self, data):
+        if self.search_step is None:
+            return super().train_step(data)
+        return self.search_step(self, data, super().train_step)
+
+
+def policy(model: Any) -> dict[str, str]:
+    """The format the policy chooses for each decision (its argmax), JSON-serialisable."""
+    if not isinstance(model, SearchModel):
+        raise ValueError(f"policy() needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
+    choices = decisions(model)
+    chosen = keras.ops.convert_to_numpy(model.controller.argmax())
+    return {name: choices[name][int(index)].name for name, index in zip(model.decision_names, chosen)}

@@ -1,0 +1,61 @@
+"""Helper of test_search: a search under MirroredStrategy on two logical CPU devices.
+
+Run in its own process, since the logical devices must be set before
+TensorFlow starts. Writes mirrored.json to the folder given as argument.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fliqs_keras  # noqa: E402
+from fliqs_keras import data  # noqa: E402
+
+
+def main(output_dir):
+    strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    (x, y), _ = data.mnist_digits(seed=0)
+    x, y, held_out = x[:512], y[:512], (x[-256:], y[-256:])
+    with strategy.scope():
+        inputs = keras.Input((28, 28, 1))
+        hidden = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(inputs)
+        outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+        model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+        model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    search = fliqs_keras.FliqsSearch(target="int4", validation_data=held_out, warmup=0.25, learning_rate=0.05)
+    history = model.fit(x, y, epochs=2, batch_size=64, verbose=0, callbacks=[search])
+
+    @tf.function
+    def draws(step):
+        return strategy.run(lambda: model.controller.sample(step))
+
+    identical, steps = True, 0
+    for step in range(0, 200, 7):
+        per_replica = strategy.experimental_local_results(draws(tf.constant(step, tf.int64)))
+        identical &= all(np.array_equal(per_replica[0].numpy(), r.numpy()) for r in per_replica[1:])
+        steps += 1
+    report = {
+        "replicas": strategy.num_replicas_in_sync,
+        "steps": steps,
+        "identical": bool(identical),
+        "loss_finite": bool(np.isfinite(history.history["loss"]).all()),
+        "updates": int(model.controller.updates.numpy()),
+        "policy": fliqs_keras.policy(model),
+    }
+    pathlib.Path(output_dir, "mirrored.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,157 @@
+"""The one-shot search through model.fit: determinism, resumption, distribution, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import fliqs_keras
+from fliqs_keras import cost, data
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x_train, y_train), (x_test, y_test) = data.mnist_digits(seed=0)
+    return (x_train[:1536], y_train[:1536]), (x_train[-512:], y_train[-512:]), (x_test, y_test)
+
+
+def _searchable(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(x))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def _search(digits, epochs=2, seed=0, callbacks=(), steps_per_execution=1, **options):
+    (x, y), held_out, _ = digits
+    model = _searchable()
+    if steps_per_execution != 1:
+        model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      steps_per_execution=steps_per_execution)
+    options = {"target": "int4", "validation_data": held_out, "learning_rate": 0.05, "seed": seed, **options}
+    search = fliqs_keras.FliqsSearch(**options)
+    keras.utils.set_random_seed(seed)
+    history = model.fit(x, y, epochs=epochs, batch_size=64, shuffle=False, verbose=0,
+                        callbacks=[search, *callbacks])
+    return model, search, history
+
+
+def test_search_logs_learns_and_freezes_the_argmax_policy(digits, tmp_path):
+    model, search, history = _search(digits, epochs=3, log_dir=str(tmp_path / "tb"))
+    for key in ("reward", "quality", "cost_ratio", "expected_cost_ratio", "entropy"):
+        assert np.isfinite(history.history[key]).all(), key
+    chosen = fliqs_keras.policy(model)
+    assert set(chosen) == {"conv1", "conv2", "logits"}
+    # The layers hold the chosen formats: evaluation runs them, with the trained weights.
+    assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
+    assert cost.bops(model) == cost.CostModel(model).cost(chosen)
+    assert int(model.controller.updates.numpy()) > 0
+    assert len(search.history) == 3 and set(search.history[0]["probabilities"]["conv1"]) == {"int2", "int4", "int8"}
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+    json.dumps(chosen)
+
+
+def test_warmup_keeps_the_policy_uniform(digits):
+    model, _, _ = _search(digits, epochs=1, warmup=0.99)
+    np.testing.assert_array_equal(model.controller.logits.numpy(), 0.0)
+
+
+def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
+    first, _, _ = _search(digits, seed=3)
+    again, _, _ = _search(digits, seed=3)
+    multi, _, _ = _search(digits, seed=3, steps_per_execution=4)
+    np.testing.assert_array_equal(first.controller.logits.numpy(), again.controller.logits.numpy())
+    np.testing.assert_allclose(first.controller.logits.numpy(), multi.controller.logits.numpy(), atol=1e-5)
+    assert fliqs_keras.policy(first) == fliqs_keras.policy(multi)
+
+
+def test_an_interrupted_search_resumes_to_the_same_policy(digits, tmp_path):
+    reference, _, _ = _search(digits, epochs=3, seed=4)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _search(digits, epochs=3, seed=4, callbacks=[backup, Interrupt()])
+    resumed, _, _ = _search(digits, epochs=3, seed=4, callbacks=[backup])
+    np.testing.assert_allclose(resumed.controller.logits.numpy(), reference.controller.logits.numpy(), atol=1e-5)
+    assert fliqs_keras.policy(resumed) == fliqs_keras.policy(reference)
+
+
+def test_search_state_survives_a_keras_file(digits, tmp_path):
+    model, _, _ = _search(digits, epochs=1)
+    model.save(tmp_path / "searched.keras")
+    loaded = keras.models.load_model(tmp_path / "searched.keras")
+    assert isinstance(loaded, fliqs_keras.SearchModel)
+    np.testing.assert_array_equal(loaded.controller.logits.numpy(), model.controller.logits.numpy())
+    assert float(loaded.controller.baseline.numpy()) == float(model.controller.baseline.numpy())
+    assert fliqs_keras.policy(loaded) == fliqs_keras.policy(model)
+
+
+def test_quality_from_the_training_loss_needs_no_held_out_data(digits):
+    model, _, history = _search(digits, epochs=1, quality="loss", validation_data=None)
+    assert np.all(np.array(history.history["quality"]) < 0)
+
+
+def test_nan_loss_skips_the_policy_update_and_keeps_the_policy(digits):
+    (x, y), held_out, _ = digits
+    model = _searchable()
+    search = fliqs_keras.FliqsSearch(target="int4", validation_data=held_out, warmup=0.0, learning_rate=0.05)
+    model.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0, callbacks=[search])
+    logits = model.controller.logits.numpy().copy()
+    updates = int(model.controller.updates.numpy())
+    bad = x[:128].copy()
+    bad[0, 0, 0, 0] = np.nan
+    model.fit(bad, y[:128], epochs=1, batch_size=64, verbose=0, callbacks=[search])
+    # The poisoned batch gives a NaN reward: the update is skipped and counted, the policy stays finite.
+    assert int(model.controller.skipped.numpy()) >= 1
+    assert np.isfinite(model.controller.logits.numpy()).all()
+    assert int(model.controller.updates.numpy()) <= updates + 1
+    assert np.isfinite(logits).all()
+
+
+def test_bad_input(digits):
+    _, held_out, _ = digits
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="needs a model made by fliqs_keras.apply"):
+        plain.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0,
+                  callbacks=[fliqs_keras.FliqsSearch(validation_data=held_out)])
+    model = _searchable()
+    with pytest.raises(ValueError, match=r"between .* and .*"):
+        model.fit(*digits[0], epochs=1, verbose=0,
+                  callbacks=[fliqs_keras.FliqsSearch(target=1.0, validation_data=held_out)])
+    with pytest.raises(ValueError, match="validation_data does not fit the model"):
+        model.fit(*digits[0], epochs=1, verbose=0,
+                  callbacks=[fliqs_keras.FliqsSearch(validation_data=(np.zeros((8, 14, 14, 1)), np.zeros(8)))])
+    with pytest.raises(ValueError, match="needs validation_data"):
+        fliqs_keras.FliqsSearch()
+    with pytest.raises(ValueError, match="as many labels"):
+        model.fit(*digits[0], epochs=1, verbose=0,
+                  callbacks=[fliqs_keras.FliqsSearch(validation_data=(held_out[0], held_out[1][:3]))])
+
+
+def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
+    script = ROOT / "tests" / "mirrored_search.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "mirrored.json").read_text())
+    assert report["replicas"] == 2
+    assert report["steps"] > 0 and report["identical"], report
+    assert report["loss_finite"] and report["updates"] > 0, report
