@@ -60,9 +60,19 @@ def grid_table(fmts: Any):
     return ops.convert_to_tensor(np.asarray(rows, np.float32))
 
 
+def _bitcast(x, dtype: str):
+    # keras.ops.view cannot take a tensor whose last dimension is unknown, which
+    # the shape-generic traces of `compiled` have.
+    if backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.bitcast(x, dtype)
+    return ops.view(x, dtype)
+
+
 def _pow2(exponent):
     """2**exponent, exactly, for int32 exponents in [-126, 127]."""
-    return ops.view(ops.left_shift(exponent + 127, 23), "float32")
+    return _bitcast(ops.left_shift(exponent + 127, 23), "float32")
 
 
 def _exponent(bits):
@@ -83,7 +93,7 @@ def _round_subnormal_bits(bits, quantum_exponent):
     half_minus_one = ops.right_shift(ops.left_shift(1, shift), 1) - 1
     bias = ops.where(shift > 0, half_minus_one + odd, 0)
     rounded = ops.left_shift(ops.right_shift(magnitude + bias, shift), shift)
-    return ops.view(ops.bitwise_or(rounded, ops.bitwise_and(bits, _SIGN_BIT)), "float32")
+    return _bitcast(ops.bitwise_or(rounded, ops.bitwise_and(bits, _SIGN_BIT)), "float32")
 
 
 _SIGN_BIT = np.int32(-(2**31))
@@ -136,11 +146,11 @@ def quantize_dequantize(x, grid, scale=None):
     mantissa_bits = ops.cast(grid[2], "int32")
     min_exponent = ops.cast(grid[3], "int32")
     y = x if scale is None else x / scale
-    raw_bits = ops.view(y, "int32")
+    raw_bits = _bitcast(y, "int32")
     y = ops.clip(y, low, high)
     # Scale each value so that its quantum is 1, in two exact power-of-two steps
     # (the shift can reach 149, beyond float32's largest power of two).
-    shift = mantissa_bits - ops.maximum(_exponent(ops.view(y, "int32")), min_exponent)
+    shift = mantissa_bits - ops.maximum(_exponent(_bitcast(y, "int32")), min_exponent)
     first = ops.floor_divide(shift, 2)
     second = shift - first
     units = ops.round(y * _pow2(first) * _pow2(second))
@@ -185,7 +195,9 @@ def compiled(function):
         return function
     import tensorflow as tf
 
-    return tf.function(function, jit_compile=True)
+    # Shape-generic traces: one per rank, not one per tensor shape (XLA still
+    # compiles per shape, without Python tracing).
+    return tf.function(function, jit_compile=True, reduce_retracing=True)
 
 
 _quantize_clipped = compiled(_quantize_clipped)

@@ -155,3 +155,24 @@ def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
     assert report["replicas"] == 2
     assert report["steps"] > 0 and report["identical"], report
     assert report["loss_finite"] and report["updates"] > 0, report
+
+
+def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
+    (x_train, y_train), (x_test, y_test) = data.mnist_digits(seed=0)
+    held = len(x_train) // 8
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(x))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    search = fliqs_keras.FliqsSearch(target="int4", validation_data=(x_train[:held], y_train[:held]),
+                                     learning_rate=0.05, entropy_weight=1.0)
+    model.fit(x_train[held:], y_train[held:], epochs=8, batch_size=64, verbose=0, callbacks=[search])
+    assert abs(cost.bops(model) / cost.bops(model, "int4") - 1) <= 0.10
+    assert float(np.max(model.controller.entropy().numpy())) < 0.1
+    assert model.evaluate(x_test, y_test, verbose=0)[1] > 0.9
