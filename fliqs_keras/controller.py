@@ -80,7 +80,9 @@ def _uniform_noise(shape, seed, step):
 
         key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
         return jax.random.uniform(key, shape, minval=1e-7, maxval=1.0)
-    raise NotImplementedError(f"Stateless sampling is not written for the {backend.backend()} backend.")
+    raise RuntimeError(
+        f"The format search runs on the TensorFlow or JAX backend of Keras, not {backend.backend()!r}: "
+        "set KERAS_BACKEND=tensorflow.")
 
 
 @keras.saving.register_keras_serializable(package="fliqs_keras")
