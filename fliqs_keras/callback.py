@@ -18,6 +18,9 @@ It installs a search step in the model's compiled training step. Each step:
 4. after the warm-up, updates the policy with the reward (`controller.reward`)
    and the entropy penalty of the schedule.
 
+A step whose training loss is not finite is undone (weights and optimizer
+state restored, on one replica) and gives the policy no update.
+
 No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 (every replica draws the same formats) and TPUs work. The reward, cost ratio,
 expected cost ratio and mean policy entropy appear in the Keras logs. At the
@@ -147,6 +150,9 @@ class FliqsSearch(keras.callbacks.Callback):
             self.held_out = (x.astype(model.inputs[0].dtype), y.reshape(-1).astype(np.int32))
 
     def on_train_begin(self, logs=None):
+        if not self.model.optimizer.built:
+            # Its slots must exist before the step is traced: the step saves and restores them.
+            self.model.optimizer.build(self.model.trainable_variables)
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         total = self.total_steps_arg or (epochs * steps if epochs and steps else None)
         if not total:
@@ -182,16 +188,23 @@ class FliqsSearch(keras.callbacks.Callback):
         model.assign_choices(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
+        protected = self._protected_variables(model)
+        saved = [ops.copy(v.value) for v in protected]
         logs = base_train_step(data)
+        # The batch's own training loss, read off Keras's running mean: no extra forward pass.
+        batch_loss = (tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
+        finite_loss = ops.isfinite(batch_loss)
+        # A non-finite loss must not poison the weights: undo that step's update.
+        for variable, value in zip(protected + [tracker.total, tracker.count], saved + [total, count]):
+            variable.assign(ops.where(finite_loss, variable, value))
         if self.quality == "loss":
-            # The batch's own training loss, read off Keras's running mean: no extra forward pass.
-            quality = -(tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
+            quality = -batch_loss
         else:
             quality = self._quality(model, step)
         cost = self.costs.graph_cost(indices, model.decision_names)
-        value = controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind)
-        if "loss" in logs:
-            value = ops.where(ops.isfinite(ops.cast(logs["loss"], "float32")), value, float("nan"))
+        value = ops.where(finite_loss,
+                          controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind),
+                          float("nan"))
         penalty = controller_lib.entropy_weight(step, self.total_steps, self.warmup_steps, self.entropy_max,
                                                 self.entropy_schedule)
         policy.update(indices, value, penalty, active=ops.logical_not(warm))
@@ -200,6 +213,15 @@ class FliqsSearch(keras.callbacks.Callback):
         logs.update({"reward": value, "quality": quality, "cost_ratio": cost / self.target,
                      "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy())})
         return logs
+
+    def _protected_variables(self, model) -> list:
+        """Weights and optimizer state restored after a non-finite loss (one replica only:
+        the optimizer's slots cannot be assigned per replica under a distribution strategy)."""
+        if model.distribute_strategy.num_replicas_in_sync > 1:
+            return []
+        optimizer_state = [v for v in model.optimizer.variables
+                           if "float" in str(v.dtype) and v is not model.optimizer.iterations]
+        return list(model.trainable_variables) + optimizer_state
 
     # --- reporting and the end ---------------------------------------------------------------
 
