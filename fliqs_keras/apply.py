@@ -10,7 +10,6 @@ choices and decisions) or not, and why.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import keras
@@ -103,7 +102,7 @@ def _plan(model: keras.Model, space: SearchSpace):
     for path, layer in walk_layers(model):
         layer_type = type(layer).__name__
         if isinstance(layer, keras.Model) or layers.default_config(layer) is None:
-            rule = _explicit_rule(space, layer.name, layer_type)
+            rule = space.explicit_rule(layer.name, layer_type)
             if rule is not None and not rule.choices.is_float and not isinstance(layer, keras.Model):
                 raise ValueError(
                     f"Search space rule {rule.key!r} gives formats to layer {path!r}, but its type "
@@ -138,14 +137,6 @@ def _plan(model: keras.Model, space: SearchSpace):
     warnings = [f"search space rule {rule.key!r} matches no layer" for rule in space.rules
                 if rule.key not in used_rules and rule.kind != "default"]
     return plans, entries, warnings
-
-
-def _explicit_rule(space: SearchSpace, name: str, layer_type: str):
-    """The name or type rule that targets a layer, or None (the "*" rule is never explicit)."""
-    for rule in space.rules:
-        if rule.kind == "name" and re.fullmatch(rule.key, name):
-            return rule
-    return next((r for r in space.rules if r.kind == "type" and r.key == layer_type), None)
 
 
 def apply(model: keras.Model, search_space: Any = None) -> SearchModel:

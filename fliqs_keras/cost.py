@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import keras
 import numpy as np
+from keras import ops
 
 from fliqs_keras import formats, layers
 from fliqs_keras.search_model import walk_layers
@@ -264,8 +265,6 @@ class CostModel:
 
     def graph_cost(self, indices, decision_order: list[str]):
         """The cost of sampled choice `indices` ([decisions] int, in `decision_order`), in graph ops."""
-        from keras import ops
-
         weights, activations, bits, table = self._layer_tables(decision_order)
         # Float layers point at an extra row of 32-bit "choices", selected by index 0.
         w_rows = np.where(weights < 0, len(decision_order), weights)
@@ -285,8 +284,6 @@ class CostModel:
 
     def expected_cost(self, probabilities, decision_order: list[str]):
         """The cost expected under a policy ([decisions, max choices] probabilities)."""
-        from keras import ops
-
         weights, activations, bits, table = self._layer_tables(decision_order)
         p = ops.concatenate([ops.cast(probabilities, "float32"),
                              ops.one_hot(ops.zeros((1,), "int32"), bits.shape[1])], axis=0)

@@ -199,18 +199,16 @@ class SearchSpace:
         weight_decision, activation_decision = self._decision_names(layer_name)
         return Resolution(rule.choices, rule.key, weight_decision, activation_decision)
 
-    def _match(self, layer_name: str, layer_type: str) -> Rule:
+    def explicit_rule(self, layer_name: str, layer_type: str) -> Rule | None:
+        """The name rule, else the type rule, that targets a layer; None when only "*" does."""
         for rule in self.rules:
             if rule.kind == "name" and re.fullmatch(rule.key, layer_name):
                 return rule
-        for rule in self.rules:
-            if rule.kind == "type" and rule.key == layer_type:
-                return rule
-        return next(rule for rule in self.rules if rule.kind == "default")
+        return next((r for r in self.rules if r.kind == "type" and r.key == layer_type), None)
 
-    def matches(self, rule: Rule, layer_name: str, layer_type: str) -> bool:
-        """Whether `rule` is the rule that decides this layer."""
-        return self._match(layer_name, layer_type) is rule
+    def _match(self, layer_name: str, layer_type: str) -> Rule:
+        rule = self.explicit_rule(layer_name, layer_type)
+        return rule or next(r for r in self.rules if r.kind == "default")
 
     def _decision_names(self, layer_name: str) -> tuple[str, str]:
         if self.decisions == "global":
