@@ -2,7 +2,8 @@
 
 TensorFlow is an extra, not a requirement: `pip install fliqs_keras[cpu]` takes
 the small `tensorflow-cpu` wheel and `fliqs_keras[gpu]` the CUDA build, so a
-CPU user is never made to download the large GPU `tensorflow` wheel. The
+CPU user is never made to download the large GPU `tensorflow` wheel. TFLite
+export needs the LiteRT quantizer and interpreter (`fliqs_keras[export]`). The
 pinned set that the README's commands install is `requirements/cpu.txt`.
 """
 
@@ -37,8 +38,10 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.21,<2.22"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+        "export": ["ai-edge-quantizer>=0.10,<0.11", "ai-edge-litert>=2.3,<2.4"],
         "examples": ["mlxtend>=0.23", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "mlxtend>=0.23", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "mlxtend>=0.23", "matplotlib>=3.8", "ai-edge-quantizer>=0.10,<0.11",
+                 "ai-edge-litert>=2.3,<2.4"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -4,10 +4,12 @@
 convolution, dense and attention layers wrapped so that each quantizes its
 weights and inputs in the format currently chosen for it. The numerical base:
 `formats` (what a format is), `quantizers` (exact fake quantization) and
-`clipping` (per-format clip thresholds).
+`clipping` (per-format clip thresholds). `FliqsSearch` runs the search during
+`fit`; `export` writes the fixed model, the policy file and a verified TFLite file;
+`models` holds reference networks (ResNet-18/50, MobileNetV2, a small ViT).
 """
 
-from fliqs_keras import clipping, controller, cost, formats, layers, quantizers
+from fliqs_keras import clipping, controller, cost, export, formats, layers, models, policy_file, quantizers
 from fliqs_keras.apply import apply, report, set_formats
 from fliqs_keras.callback import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
@@ -20,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig",
     "QuantizeWrapper", "SearchModel", "SearchSpace", "__version__", "apply", "clipping", "controller",
-    "cost", "decisions", "formats", "layers", "policy", "quantizers", "report", "searchable_layers",
-    "set_formats",
+    "cost", "decisions", "export", "formats", "layers", "models", "policy", "policy_file", "quantizers",
+    "report", "searchable_layers", "set_formats",
 ]

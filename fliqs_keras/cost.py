@@ -141,7 +141,8 @@ def layer_costs(model: keras.Model) -> list[LayerCost]:
     return result
 
 
-def _bits(fmt: formats.Format | None) -> int:
+def bits(fmt: formats.Format | None) -> int:
+    """Bits per value of `fmt`; None (float) counts as float32."""
     return FLOAT_BITS if fmt is None else fmt.bits
 
 
@@ -202,9 +203,9 @@ class CostModel:
     def layer_cost(self, entry: LayerCost, weight: formats.Format | None,
                    activation: formats.Format | None) -> float:
         if self.metric == "bops":
-            return entry.macs * _bits(weight) * _bits(activation) + entry.fixed_bops
+            return entry.macs * bits(weight) * bits(activation) + entry.fixed_bops
         if self.metric == "size":
-            return entry.params * _bits(weight)
+            return entry.params * bits(weight)
         name = (weight or formats.get("fp32")).name
         if name not in self.table[entry.path]:
             raise ValueError(f"The cost table has no cost for layer {entry.path!r} in {name}.")
@@ -362,7 +363,7 @@ def summary(model: keras.Model) -> str:
         name = (weight.name if weight else "float") + (
             "" if activation == weight else f"/{activation.name if activation else 'float'}")
         rows.append((e.path, e.macs, e.params, name, cost.layer_cost(e, weight, activation),
-                     e.params * _bits(weight) / 8))
+                     e.params * bits(weight) / 8))
     width = max(len(r[0]) for r in rows + [("layer",)])
     lines = [f"{'layer':<{width}} {'MACs':>14} {'params':>10} {'format':>12} {'GBOPs':>10} {'bytes':>12}"]
     lines += [f"{p:<{width}} {m:>14,} {n:>10,} {f:>12} {b / 1e9:>10.4f} {s:>12,.0f}" for p, m, n, f, b, s in rows]

@@ -22,6 +22,7 @@ so the layer's own `call` runs unchanged on them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import keras
@@ -119,6 +120,31 @@ def _nonnegative_grid(fmt: formats.Format) -> formats.Grid:
     if isinstance(fmt, formats.IntFormat) and fmt.signed:
         return formats.IntFormat(fmt.bits, signed=False).grid
     return fmt.grid
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenWeight:
+    """One weight of a layer in its chosen format: ``values == codes * scale`` along `channel_axis`."""
+
+    path: str
+    fmt: formats.Format
+    values: np.ndarray
+    scale: np.ndarray  # float32, one per channel
+    channel_axis: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenInput:
+    """One input of a layer in its chosen format, at its trained clip."""
+
+    name: str
+    fmt: formats.Format
+    clip: float
+    signed: bool
+
+    @property
+    def grid(self) -> formats.Grid:
+        return self.fmt.grid if self.signed else _nonnegative_grid(self.fmt)
 
 
 class _SearchableWrapper(keras.layers.Wrapper):
@@ -280,6 +306,50 @@ class _SearchableWrapper(keras.layers.Wrapper):
             quantized = quantizers.fake_quant(matrix, grid, clip=clip, axis=1)
             mapping.append((variable, ops.reshape(quantized, variable.shape)))
         return mapping
+
+    def frozen_weights(self) -> list[FrozenWeight]:
+        """The weights in their current format, with the per-channel scales they were quantized at."""
+        if not self.weight_formats:
+            return []
+        index = self._weight_index()
+        fmt = self.weight_formats[int(keras.ops.convert_to_numpy(index))]
+        values = dict((id(v), q) for v, q in self._quantized_weights())
+        frozen = []
+        for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
+            matrix = self._as_matrix(path, variable)
+            clip = ops.take(table, index, axis=0) * clipping.max_abs(matrix, axis=1)
+            # The quantizer's own scale expression, so that values / scale are its codes.
+            clip = ops.maximum(ops.cast(clip, "float32"), quantizers.MIN_CLIP)
+            scale = ops.maximum(clip / np.float32(fmt.grid.high), quantizers.SMALLEST_NORMAL)
+            frozen.append(FrozenWeight(
+                path, fmt, np.asarray(keras.ops.convert_to_numpy(values[id(variable)])),
+                np.asarray(keras.ops.convert_to_numpy(scale), np.float32),
+                self.quantize_config.weights[path] % len(variable.shape)))
+        return frozen
+
+    def frozen_inputs(self) -> list[FrozenInput | None]:
+        """Per input slot: its current format, trained clip and sign; None where inputs stay float.
+
+        Raises ValueError naming the layer when the current format never saw a
+        training step (its clip is not calibrated).
+        """
+        if not self.activation_formats:
+            return [None] * len(self.input_names)
+        index = int(keras.ops.convert_to_numpy(self._activation_index()))
+        fmt = self.activation_formats[index]
+        result = []
+        for name, (clips, counts, negative) in zip(self.input_names, self._input_state):
+            counts = keras.ops.convert_to_numpy(counts)
+            if name != self.input_names[0] and not counts.any():  # never passed (MHA's key)
+                result.append(None)
+                continue
+            if counts[index] == 0:
+                raise ValueError(
+                    f"Layer {self.name!r}: input {name!r} in {fmt.name} has no trained clip (no training step "
+                    f"ran in that format); train or fine-tune the model in its chosen formats before export.")
+            signed = bool(keras.ops.convert_to_numpy(negative) > 0)
+            result.append(FrozenInput(name, fmt, float(keras.ops.convert_to_numpy(clips)[index]), signed))
+        return result
 
     def _quantize_input(self, slot: int, x, training):
         if not self.activation_formats or x is None:

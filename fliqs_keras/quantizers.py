@@ -40,7 +40,7 @@ from keras import backend, ops
 from fliqs_keras import formats
 
 MIN_CLIP = 1e-30
-_SMALLEST_NORMAL = np.float32(2.0**-126)
+SMALLEST_NORMAL = np.float32(2.0**-126)
 
 
 def grid_tensor(fmt: Any):
@@ -180,7 +180,7 @@ def _quantize_clipped(x, grid, clip, unit_scale):
     low, high = _clip_range(grid, clip)
     # minimum/maximum rather than clip: the clip may broadcast x to a larger shape.
     saturated = ops.minimum(ops.maximum(x, low), high)
-    return quantize_dequantize(saturated, grid, ops.maximum(clip / grid[1], _SMALLEST_NORMAL))
+    return quantize_dequantize(saturated, grid, ops.maximum(clip / grid[1], SMALLEST_NORMAL))
 
 
 def compiled(function):

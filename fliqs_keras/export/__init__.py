@@ -1,0 +1,183 @@
+"""Export a searched (or fixed-format) model: the fixed Keras model, the policy file, and TFLite.
+
+    fixed = fliqs_keras.export.fixed_model(searched)       # plain Keras, chosen formats frozen
+    fliqs_keras.export.save_policy(searched, "policy.json")
+    result = fliqs_keras.export.to_tflite(searched, "model.tflite", representative_x)
+    print(result)                                            # agreement with Keras, legalization
+
+`to_tflite` writes a file that runs the mixed policy for real (see `tflite`
+and `legalize`), carries the policy and the format annotations in its
+metadata (`annotations`), and checks itself: it runs in the LiteRT
+interpreter on a sample of the representative inputs and compares with the
+Keras model in its chosen formats. Below `min_agreement` it raises
+`ExportVerificationError` with the numbers (the file stays written, for
+inspection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import keras
+import numpy as np
+from absl import logging
+
+from fliqs_keras import formats
+from fliqs_keras.export import annotations, legalize, tflite
+from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
+from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
+from fliqs_keras.export.legalize import LayerPlan
+from fliqs_keras.policy_file import build_policy, check_matches, load_policy, save_policy
+from fliqs_keras.search_model import SearchModel
+
+
+class ExportVerificationError(RuntimeError):
+    """The TFLite file disagrees with the Keras model beyond the threshold."""
+
+
+@dataclasses.dataclass
+class Verification:
+    """How the TFLite file compares with the Keras model in its chosen formats."""
+
+    path: str
+    samples: int
+    argmax_agreement: float
+    max_abs_difference: float
+    layers: list[LayerPlan]
+    annotations: AnnotationCheck
+    weight_bytes: dict[str, int]
+
+    def __str__(self) -> str:
+        return (f"{self.path}: argmax agreement {self.argmax_agreement:.4f} on {self.samples} inputs, "
+                f"max |difference| {self.max_abs_difference:.4g}; {len(self.annotations.checked)} annotated "
+                f"tensors, {'all exact' if self.annotations.ok else 'FAILING: ' + str(self.annotations.failures)}"
+                f"\n{legalize.report(self.layers)}")
+
+
+def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data: Any, *,
+              verify_samples: int = 500, min_agreement: float = 0.95) -> Verification:
+    """Writes the TFLite file of a searchable model in its current formats; returns its verification.
+
+    Args:
+        model: a model made by `fliqs_keras.apply`, after its search (or QAT).
+        path: the ``.tflite`` file to write.
+        representative_data: inputs (an array of examples, or an iterable of
+            examples or batches) for calibrating the tensors the search did
+            not quantize and for the verification.
+        verify_samples: how many of them the verification runs.
+        min_agreement: the least argmax agreement with the Keras model accepted.
+
+    Raises:
+        ExportVerificationError: agreement below `min_agreement`, or an
+            annotated tensor that is not exact.
+        ValueError: a model not made by `apply`, a format never trained, or
+            inputs that do not fit the model.
+    """
+    if not isinstance(model, SearchModel):
+        raise ValueError(f"to_tflite needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
+    examples = _examples(representative_data, model)
+    policy = build_policy(model)
+    plans = legalize.plan(policy)
+    for plan in plans:
+        for note in plan.notes:
+            logging.info("fliqs_keras.export: %s: %s", plan.layer, note)
+    exported, kernels = float_model(model, saturate=_saturation(plans, policy))
+    float_tflite = tflite.convert(exported)
+    content, named, plans = tflite.quantize(float_tflite, plans, kernels, policy, examples[:_CALIBRATION])
+    annotated = {f"fliqs/{p.layer}/kernel": annotations.annotation(
+        p.layer, kernels[p.layer].fmt, kernels[p.layer].scale, _tflite_channel_axis(exported, p.layer))
+        for p in plans if p.annotated and p.layer in kernels}
+    content = annotations.add_metadata(content, {annotations.POLICY_METADATA: policy,
+                                                 annotations.ANNOTATION_METADATA: annotated})
+    tflite.write(path, content)
+    check = verify_annotations(content)
+    agreement, difference = _compare(model, content, examples[:verify_samples])
+    result = Verification(str(path), min(len(examples), verify_samples), agreement, difference, plans, check,
+                          _weight_bytes(content, named))
+    logging.info("fliqs_keras.export: %s", result)
+    if not check.ok:
+        raise ExportVerificationError(f"Annotated tensors of {path} are not exact: {check.failures}")
+    if agreement < min_agreement:
+        raise ExportVerificationError(
+            f"{path} agrees with the Keras model on {agreement:.4f} of {result.samples} argmaxes (< {min_agreement}); "
+            f"max |difference| {difference:.4g}. The file is written for inspection.\n{legalize.report(plans)}")
+    return result
+
+
+_CALIBRATION = 200
+
+
+def _saturation(plans: list[LayerPlan], policy: dict[str, Any]) -> dict[str, tuple[float | None, float]]:
+    """Inputs narrower than INT8 run in INT8 tensors with their own step, whose range
+    reaches past the clip; an explicit clip before the layer saturates them as trained."""
+    result = {}
+    for plan in plans:
+        entry = policy["layers"][plan.layer]
+        if plan.activation_bits == 8 and "input" in entry["input_clips"] and (
+                formats.get(plan.activation_format).bits < 8):
+            clip, signed = entry["input_clips"]["input"], entry["input_signed"]["input"]
+            result[plan.layer] = (-clip if signed else None, clip)
+    return result
+
+
+def _examples(data: Any, model: keras.Model) -> np.ndarray:
+    shape = tuple(model.inputs[0].shape[1:])
+    if isinstance(data, np.ndarray) or hasattr(data, "shape"):
+        array = np.asarray(data, np.float32)
+    else:
+        parts = []
+        for item in data:
+            item = item[0] if isinstance(item, (tuple, list)) else item
+            item = np.asarray(item, np.float32)
+            parts.append(item if item.shape != shape else item[None])
+            if sum(len(p) for p in parts) >= 1000:
+                break
+        if not parts:
+            raise ValueError("representative_data is empty.")
+        array = np.concatenate(parts)
+    if array.shape[1:] != shape:
+        raise ValueError(f"representative_data has examples of shape {array.shape[1:]}; the model takes {shape}.")
+    return array
+
+
+def _compare(model: keras.Model, content: bytes, examples: np.ndarray) -> tuple[float, float]:
+    from ai_edge_litert import interpreter
+
+    runner = interpreter.Interpreter(model_content=content).get_signature_runner(tflite.SIGNATURE)
+    input_name = next(iter(runner.get_input_details()))
+    output_name = next(iter(runner.get_output_details()))
+    got = np.concatenate([runner(**{input_name: x[None]})[output_name] for x in examples])
+    want = keras.ops.convert_to_numpy(model.predict(examples, batch_size=256, verbose=0))
+    agreement = float(np.mean(np.argmax(got, -1) == np.argmax(want, -1)))
+    return agreement, float(np.max(np.abs(got - want)))
+
+
+def _tflite_channel_axis(exported: keras.Model, path: str) -> int:
+    layer = exported
+    for part in path.split("/"):
+        layer = layer.get_layer(part)
+    return 3 if isinstance(layer, keras.layers.DepthwiseConv2D) else 0
+
+
+def _weight_bytes(content: bytes, named: dict[str, int]) -> dict[str, int]:
+    """Bytes of each named layer's weight buffer in the file."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model_t = flatbuffer_utils.read_model_from_bytearray(content)
+    graph = model_t.subgraphs[0]
+    by_name = {t.name.decode(): t for t in graph.tensors}
+    sizes = {}
+    for layer in named:
+        tensor = by_name.get(f"fliqs/{layer}/kernel")
+        if tensor is not None and model_t.buffers[tensor.buffer].data is not None:
+            sizes[layer] = int(np.asarray(model_t.buffers[tensor.buffer].data).size)
+    return sizes
+
+
+__all__ = [
+    "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
+    "build_policy", "check_matches", "fixed_model", "float_model", "load_policy", "save_policy", "to_tflite",
+    "verify_annotations",
+]

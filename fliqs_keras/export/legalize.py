@@ -1,0 +1,118 @@
+"""Which TFLite treatment each layer's chosen formats get, and why.
+
+TFLite kernels run INT8 and INT4 weights (INT4 packed two per byte) with INT8
+or INT16 activations, and float. Every other format is mapped to the nearest
+thing that runs, and each mapping is reported:
+
+- INT2 and INT3 weights are stored as INT4, INT5 to INT7 as INT8, at the
+  trained scale: the trained integers fit, so the weights are unchanged.
+  Depthwise convolutions have no INT4 kernel: their INT2 to INT4 weights
+  are stored as INT8, the same integers.
+- Weights wider than 8 bits, and floating-point weights (FP8, FP6, FP4,
+  BF16, FP16), are stored as float32 values that are exactly the trained
+  ones, annotated with their format and scale (`annotations`); their op
+  computes in float.
+- Integer inputs of 8 bits or fewer run as INT8, 9 to 16 bits as INT16;
+  narrower inputs keep their trained step in the INT8 tensor, whose range
+  reaches past their clip, so a float MINIMUM (and MAXIMUM) before the op
+  saturates them at the clip as in training.
+  Floating-point inputs run in float32. An op with integer weights and float
+  inputs dequantizes its weights and computes in float.
+- Layers TFLite does not run in integers here (EinsumDense, attention) keep
+  their exactly quantized weights in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fliqs_keras import formats
+
+_INTEGER_OPS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "Dense")
+_INT4_OPS = ("Conv1D", "Conv2D", "Dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """The TFLite treatment of one layer."""
+
+    layer: str
+    layer_type: str
+    weight_format: str | None
+    activation_format: str | None
+    weight_bits: int | None  # 4 or 8: integer weights; None: float32 weights
+    activation_bits: int | None  # 8 or 16: integer inputs; None: float
+    annotated: bool  # float32 weights that hold exact values of a narrower format
+    notes: tuple[str, ...]
+
+    @property
+    def tflite(self) -> str:
+        weights = f"int{self.weight_bits}" if self.weight_bits else "float32"
+        inputs = f"int{self.activation_bits}" if self.activation_bits else "float32"
+        return f"weights {weights}, inputs {inputs}"
+
+
+def plan_layer(layer: str, entry: dict[str, Any]) -> LayerPlan:
+    """The treatment of one policy entry (see `policy_file`)."""
+    weight = formats.get(entry["weight_format"]) if entry["weight_format"] else None
+    activation = formats.get(entry["activation_format"]) if entry["activation_format"] else None
+    notes = []
+    weight_bits = activation_bits = None
+    integer_op = entry["type"] in _INTEGER_OPS
+    if not integer_op:
+        if weight is not None:
+            notes.append(f"{entry['type']}: no TFLite integer kernel mapped; weights stored as exact "
+                         f"{weight.name} values in float32")
+        if activation is not None:
+            notes.append(f"{entry['type']}: inputs run in float32 instead of {activation.name}")
+        return LayerPlan(layer, entry["type"], _name(weight), _name(activation), None, None,
+                         weight is not None, tuple(notes))
+    if isinstance(activation, formats.IntFormat):
+        activation_bits = 8 if activation.bits <= 8 else 16
+        if activation.bits < 8:
+            notes.append(f"inputs {activation.name} run as INT8 holding the {activation.name} grid (its step), "
+                         "saturated at the clip by a float MINIMUM/MAXIMUM (TFLite has no narrower activations)")
+        elif 8 < activation.bits < 16:
+            notes.append(f"inputs {activation.name} run as INT16")
+        elif activation.bits == 16 and not entry["input_signed"].get("input", True):
+            notes.append("unsigned INT16 inputs run as signed INT16 (symmetric): half the resolution")
+    elif activation is not None:
+        notes.append(f"inputs {activation.name} run in float32 (TFLite has no {activation.name} kernel)")
+    if isinstance(weight, formats.IntFormat) and weight.signed and weight.bits <= 8:
+        weight_bits = 4 if weight.bits <= 4 else 8
+        if weight_bits == 4 and entry["type"] not in _INT4_OPS:
+            weight_bits = 8
+            notes.append(f"{weight.name} weights stored as INT8 ({entry['type']} has no INT4 kernel); "
+                         "same integers")
+        elif weight.bits not in (4, 8):
+            notes.append(f"{weight.name} weights stored as INT{weight_bits}; same integers")
+        if activation_bits is None:
+            notes.append("integer weights dequantized; the op computes in float")
+    elif weight is not None:
+        notes.append(f"{weight.name} weights: no TFLite kernel; stored as exact {weight.name} values in float32, "
+                     "annotated")
+        if activation_bits is not None:
+            notes.append(f"inputs {activation.name} run in float32: an op with float weights computes in float")
+            activation_bits = None
+    return LayerPlan(layer, entry["type"], _name(weight), _name(activation), weight_bits, activation_bits,
+                     weight is not None and weight_bits is None, tuple(notes))
+
+
+def plan(policy: dict[str, Any]) -> list[LayerPlan]:
+    """The treatment of every layer of a policy, in its order."""
+    return [plan_layer(layer, entry) for layer, entry in policy["layers"].items()]
+
+
+def report(plans: list[LayerPlan]) -> str:
+    """A table: layer, chosen formats, what TFLite runs, and why where they differ."""
+    width = max([len(p.layer) for p in plans] + [5])
+    lines = [f"{'layer':<{width}}  {'chosen':<16}{'tflite':<32}notes"]
+    for p in plans:
+        chosen = f"{p.weight_format or 'float'}/{p.activation_format or 'float'}"
+        lines.append(f"{p.layer:<{width}}  {chosen:<16}{p.tflite:<32}{'; '.join(p.notes)}")
+    return "\n".join(lines)
+
+
+def _name(fmt) -> str | None:
+    return fmt.name if fmt is not None else None

@@ -1,0 +1,65 @@
+"""MobileNetV2 as a plain Keras Functional model, with a width multiplier and a small-input option.
+
+The layer plan is the paper's (Sandler et al. 2018): a 3x3 stem, seventeen
+inverted-residual blocks (expansion 1x1, depthwise 3x3, linear projection
+1x1), a 1x1 convolution to 1280 channels and the classifier. At 224x224 and
+width 1.0 it has the 300 MMACs the FLIQS paper counts (77.0 GBOPs in BF16).
+``small_input=True`` drops the strides of the stem and the second stage, for
+28x28 or 32x32 images.
+"""
+
+from __future__ import annotations
+
+import keras
+
+# (expansion, output channels, blocks, first stride)
+BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+          (6, 320, 1, 1))
+
+
+def _divisible(channels: float, divisor: int = 8) -> int:
+    """Rounded to a multiple of 8, never below 90% of the request (the reference implementation's rule)."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+def _inverted_residual(x, expansion, channels, stride, name):
+    inputs = x
+    hidden = x.shape[-1] * expansion
+    if expansion != 1:
+        x = keras.layers.Conv2D(hidden, 1, use_bias=False, name=f"{name}_expand")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_expand_bn")(x)
+        x = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, stride, padding="same", use_bias=False, name=f"{name}_depthwise")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_depthwise_bn")(x)
+    x = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(x)
+    x = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_project")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_project_bn")(x)
+    if stride == 1 and inputs.shape[-1] == channels:
+        x = keras.layers.Add(name=f"{name}_add")([inputs, x])
+    return x
+
+
+def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 1.0,
+                 small_input: bool = False) -> keras.Model:
+    """MobileNetV2 (see the module docstring); the classifier outputs logits."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}.")
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(_divisible(32 * width), 3, 1 if small_input else 2, padding="same", use_bias=False,
+                            name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    block = 0
+    for stage, (expansion, channels, repeats, stride) in enumerate(BLOCKS):
+        if small_input and stage == 1:
+            stride = 1
+        for index in range(repeats):
+            x = _inverted_residual(x, expansion, _divisible(channels * width), stride if index == 0 else 1,
+                                   f"block{block}")
+            block += 1
+    x = keras.layers.Conv2D(_divisible(1280 * max(width, 1.0)), 1, use_bias=False, name="head_conv")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
+    x = keras.layers.ReLU(6.0, name="head_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="mobilenet_v2")

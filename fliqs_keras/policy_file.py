@@ -1,0 +1,156 @@
+"""The policy file: a searched model's chosen formats as versioned JSON.
+
+One file says, for every decision, the chosen format, and for every quantized
+layer its weight and input formats, the per-channel weight scales and input
+clip it was trained with, its MACs, BOPs and weight bytes. It is what
+`export` writes beside a model and what a later export (or another tool)
+reads back. `load_policy` checks the schema and names what is wrong, so a
+corrupt, truncated, stale or newer file is an error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import keras
+
+from fliqs_keras import cost as cost_lib
+from fliqs_keras import formats, layers
+from fliqs_keras.search_model import decisions, walk_layers
+
+KIND = "fliqs_keras.policy"
+VERSION = 1
+
+_LAYER_FIELDS = {
+    "type": str, "decisions": list, "weight_format": (str, type(None)), "activation_format": (str, type(None)),
+    "weight_scales": dict, "input_clips": dict, "input_signed": dict, "macs": int, "params": int,
+    "bops": (int, float), "weight_bytes": (int, float),
+}
+
+
+def build_policy(model: keras.Model) -> dict[str, Any]:
+    """The policy of a searchable model in its current formats (after a search: the chosen ones).
+
+    Input clips are those trained in the chosen formats; an input format that
+    never ran in training raises a ValueError naming the layer.
+    """
+    known = decisions(model)
+    if not known:
+        raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
+    costs = cost_lib.CostModel(model, "bops")
+    by_path = {entry.path: entry for entry in costs.layers}
+    chosen, entries = {}, {}
+    for path, layer in walk_layers(model):
+        if not layers.is_searchable(layer):
+            continue
+        current = layer.current_formats()
+        chosen.update({name: fmt.name for name, fmt in current.items()})
+        weight = current.get(layer.weight_decision) if layer.weight_formats else None
+        activation = current.get(layer.activation_decision) if layer.activation_formats else None
+        inputs = [i for i in layer.frozen_inputs() if i is not None]
+        entry = by_path[path]
+        entries[path] = {
+            "type": type(layer.layer).__name__,
+            "decisions": list(layer.decisions),
+            "weight_format": weight.name if weight else None,
+            "activation_format": activation.name if activation else None,
+            "weight_scales": {w.path: [float(s) for s in w.scale] for w in layer.frozen_weights()},
+            "input_clips": {i.name: i.clip for i in inputs},
+            "input_signed": {i.name: i.signed for i in inputs},
+            "macs": int(entry.macs),
+            "params": int(entry.params),
+            "bops": float(costs.layer_cost(entry, weight, activation)),
+            "weight_bytes": entry.params * cost_lib.bits(weight) / 8,
+        }
+    return {
+        "kind": KIND,
+        "version": VERSION,
+        "model": model.name,
+        "decisions": chosen,
+        "layers": entries,
+        "total": {"bops": sum(e["bops"] for e in entries.values()),
+                  "weight_bytes": sum(e["weight_bytes"] for e in entries.values())},
+    }
+
+
+def save_policy(policy: Any, path: str | pathlib.Path) -> dict[str, Any]:
+    """Writes a policy (a dict from `build_policy`, or a searchable model) as JSON; returns it."""
+    if isinstance(policy, keras.Model):
+        policy = build_policy(policy)
+    validate(policy, str(path))
+    pathlib.Path(path).write_text(json.dumps(policy, indent=1, sort_keys=False))
+    return policy
+
+
+def load_policy(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads and checks a policy file; ValueError says which file and what is wrong."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"Cannot read policy file {str(path)!r}: {error}.") from None
+    try:
+        policy = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Policy file {str(path)!r} is not valid JSON (truncated or corrupt?): {error}.") from None
+    validate(policy, str(path))
+    return policy
+
+
+def validate(policy: Any, where: str = "policy"):
+    """Raises ValueError naming the first thing in `policy` that breaks the schema."""
+    if not isinstance(policy, dict) or policy.get("kind") != KIND:
+        raise ValueError(f"{where} is not a fliqs_keras policy (no \"kind\": {KIND!r}).")
+    version = policy.get("version")
+    if version != VERSION:
+        raise ValueError(f"{where} has policy version {version!r}; this fliqs_keras reads version {VERSION}.")
+    for key, kind in (("model", str), ("decisions", dict), ("layers", dict), ("total", dict)):
+        if not isinstance(policy.get(key), kind):
+            raise ValueError(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
+    for decision, name in policy["decisions"].items():
+        _check_format(name, f"{where}: decision {decision!r}")
+    for path, entry in policy["layers"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: layer {path!r} is not an object.")
+        for field, kind in _LAYER_FIELDS.items():
+            if field not in entry or not isinstance(entry[field], kind) or isinstance(entry[field], bool):
+                raise ValueError(f"{where}: layer {path!r} has no valid {field!r} (got {entry.get(field)!r}).")
+        for field in ("weight_format", "activation_format"):
+            if entry[field] is not None:
+                _check_format(entry[field], f"{where}: layer {path!r} {field}")
+        for decision in entry["decisions"]:
+            if decision not in policy["decisions"]:
+                raise ValueError(f"{where}: layer {path!r} names decision {decision!r}, which has no format.")
+        for weight, scales in entry["weight_scales"].items():
+            if not scales or not all(_positive(s) for s in scales):
+                raise ValueError(f"{where}: layer {path!r} weight {weight!r} needs positive finite scales.")
+        for name, clip in entry["input_clips"].items():
+            if not _positive(clip) or not isinstance(entry["input_signed"].get(name), bool):
+                raise ValueError(f"{where}: layer {path!r} input {name!r} needs a positive clip and a sign.")
+
+
+def check_matches(policy: dict[str, Any], model: keras.Model, where: str = "policy"):
+    """Raises ValueError when `policy` was written for another model (a stale file)."""
+    known = decisions(model)
+    missing, extra = sorted(set(known) - set(policy["decisions"])), sorted(set(policy["decisions"]) - set(known))
+    if missing or extra:
+        raise ValueError(f"{where} does not fit model {model.name!r}: decisions missing from the file {missing}, "
+                         f"decisions the model does not have {extra}.")
+    for name, fmt in policy["decisions"].items():
+        if formats.get(fmt) not in known[name]:
+            raise ValueError(f"{where}: decision {name!r} chooses {fmt}, which is not among the model's choices "
+                             f"{[f.name for f in known[name]]}.")
+
+
+def _check_format(name: Any, where: str):
+    try:
+        formats.get(name)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

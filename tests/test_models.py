@@ -1,0 +1,69 @@
+"""Reference models: the paper's BOPs at 224x224 in BF16, and each one through apply and a search step."""
+
+import keras
+import numpy as np
+import pytest
+
+import fliqs_keras
+from fliqs_keras import models
+
+
+@pytest.mark.parametrize("build, gbops, tolerance", [
+    (lambda: models.resnet18(), 467.7, 0.02),
+    (lambda: models.resnet50(), 1047.0, 0.02),  # the stride in the 3x3 convolution, as the paper counts
+    (lambda: models.mobilenet_v2(), 77.0, 0.01),
+])
+def test_bf16_bops_at_224_match_the_paper(build, gbops, tolerance):
+    searchable = fliqs_keras.apply(build(), "bf16")
+    assert fliqs_keras.cost.bops(searchable) / 1e9 == pytest.approx(gbops, rel=tolerance)
+
+
+def test_resnet50_with_the_stride_in_the_1x1_matches_keras_applications():
+    ours = fliqs_keras.cost.CostModel(fliqs_keras.apply(models.resnet50(stride_in_1x1=True), "bf16"))
+    # 3.858 GMACs: the figure of keras.applications.ResNet50 (checked in test_cost).
+    assert ours.uniform("bf16") / 256 / 1e9 == pytest.approx(3.858, rel=0.01)
+
+
+SMALL = {
+    "resnet18": lambda: models.resnet18((32, 32, 3), classes=10, stem="cifar", width=0.25),
+    "resnet50": lambda: models.resnet50((32, 32, 3), classes=10, stem="cifar", width=0.125),
+    "resnet18_imagenet_stem": lambda: models.resnet18((64, 64, 3), classes=10, width=0.25),
+    "mobilenet_v2": lambda: models.mobilenet_v2((28, 28, 1), classes=10, width=0.35, small_input=True),
+    "vit": lambda: models.vit((32, 32, 3), classes=10, patch=8, width=32, depth=2, heads=2),
+}
+
+
+@pytest.mark.parametrize("name", [
+    # ResNet-50's 53 quantized layers take a minute to trace and compile here.
+    pytest.param(name, marks=pytest.mark.slow) if name == "resnet50" else name for name in sorted(SMALL)])
+def test_model_builds_runs_and_takes_a_search_step(name):
+    keras.utils.set_random_seed(0)
+    model = SMALL[name]()
+    shape = tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(0).normal(size=(16,) + shape).astype(np.float32)
+    y = np.arange(16) % 10
+    assert model(x[:2]).shape == (2, 10)
+    searchable = fliqs_keras.apply(model, ["int4", "int8", "e4m3"])
+    searchable.compile(keras.optimizers.Adam(1e-3),
+                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    search = fliqs_keras.FliqsSearch(target="int8*0.75", quality="loss", warmup=0.0)
+    history = searchable.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[search])
+    assert np.isfinite(history.history["loss"][-1]) and np.isfinite(history.history["reward"][-1])
+    assert set(fliqs_keras.policy(searchable)) == set(fliqs_keras.decisions(searchable))
+
+
+def test_vit_saves_and_loads(tmp_path):
+    model = models.vit((16, 16, 3), classes=4, patch=4, width=16, depth=1, heads=2)
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    model.save(tmp_path / "vit.keras")
+    loaded = keras.saving.load_model(tmp_path / "vit.keras")
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="stem"):
+        models.resnet18(stem="tiny")
+    with pytest.raises(ValueError, match="width"):
+        models.mobilenet_v2(width=0)
+    with pytest.raises(ValueError, match="patch size"):
+        models.vit((30, 30, 3), patch=8)
