@@ -313,7 +313,7 @@ class _SearchableWrapper(keras.layers.Wrapper):
             return []
         index = self._weight_index()
         fmt = self.weight_formats[int(keras.ops.convert_to_numpy(index))]
-        values = dict((id(v), q) for v, q in self._quantized_weights())
+        values = {id(v): q for v, q in self._quantized_weights()}
         frozen = []
         for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
             matrix = self._as_matrix(path, variable)

@@ -122,9 +122,7 @@ class ExportedWeight:
     path: str
     fmt: formats.Format
     values: np.ndarray  # in the Keras layout
-    codes: np.ndarray
     scale: np.ndarray
-    folded_batch_norm: str | None
 
 
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
@@ -192,8 +190,7 @@ def _export_kernel(wrapper, path: str, frozen: layers.FrozenWeight, norm) -> tup
         per_channel = scale_full.reshape(-1, kernel_shape[-2] * kernel_shape[-1])[0]
     else:
         per_channel = scale_full.reshape(-1, kernel_shape[-1])[0]
-    return ExportedWeight(path, frozen.path, frozen.fmt, values, codes.astype(np.float32),
-                          per_channel.astype(np.float32), norm.name if norm is not None else None), bias
+    return ExportedWeight(path, frozen.path, frozen.fmt, values, per_channel.astype(np.float32)), bias
 
 
 def _clone(model: keras.Model, clone_layer) -> keras.Model:
