@@ -299,13 +299,14 @@ class _SearchableWrapper(keras.layers.Wrapper):
             return []
         index = self._weight_index()
         grid = ops.take(quantizers.grid_table(self.weight_formats), index, axis=0)
-        mapping = []
+        return [(variable, ops.reshape(quantizers.fake_quant(matrix, grid, clip=clip, axis=1), variable.shape))
+                for _, variable, matrix, clip in self._weight_clips(index)]
+
+    def _weight_clips(self, index):
+        """(path, variable, matrix, per-channel clip) of each quantized weight in choice `index`."""
         for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
             matrix = self._as_matrix(path, variable)
-            clip = ops.take(table, index, axis=0) * clipping.max_abs(matrix, axis=1)
-            quantized = quantizers.fake_quant(matrix, grid, clip=clip, axis=1)
-            mapping.append((variable, ops.reshape(quantized, variable.shape)))
-        return mapping
+            yield path, variable, matrix, ops.take(table, index, axis=0) * clipping.max_abs(matrix, axis=1)
 
     def frozen_weights(self) -> list[FrozenWeight]:
         """The weights in their current format, with the per-channel scales they were quantized at."""
@@ -314,13 +315,10 @@ class _SearchableWrapper(keras.layers.Wrapper):
         index = self._weight_index()
         fmt = self.weight_formats[int(keras.ops.convert_to_numpy(index))]
         values = {id(v): q for v, q in self._quantized_weights()}
+        grid = quantizers.grid_tensor(fmt)
         frozen = []
-        for (path, variable), table in zip(self._weights_to_quantize(), self._fractions):
-            matrix = self._as_matrix(path, variable)
-            clip = ops.take(table, index, axis=0) * clipping.max_abs(matrix, axis=1)
-            # The quantizer's own scale expression, so that values / scale are its codes.
-            clip = ops.maximum(ops.cast(clip, "float32"), quantizers.MIN_CLIP)
-            scale = ops.maximum(clip / np.float32(fmt.grid.high), quantizers.SMALLEST_NORMAL)
+        for path, variable, _, clip in self._weight_clips(index):
+            scale = quantizers.scale(grid, ops.cast(clip, "float32"))
             frozen.append(FrozenWeight(
                 path, fmt, np.asarray(keras.ops.convert_to_numpy(values[id(variable)])),
                 np.asarray(keras.ops.convert_to_numpy(scale), np.float32),

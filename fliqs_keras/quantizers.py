@@ -40,7 +40,7 @@ from keras import backend, ops
 from fliqs_keras import formats
 
 MIN_CLIP = 1e-30
-SMALLEST_NORMAL = np.float32(2.0**-126)
+_SMALLEST_NORMAL = np.float32(2.0**-126)
 
 
 def grid_tensor(fmt: Any):
@@ -163,6 +163,12 @@ def quantize_dequantize(x, grid, scale=None):
     return q if scale is None else q * scale
 
 
+def scale(grid, clip):
+    """The scale a clip gives a grid (values are ``codes * scale``): ``clip / max``, floored at
+    float32's smallest normal (for bf16 and fp32, whose max is near float32's own)."""
+    return ops.maximum(ops.maximum(clip, MIN_CLIP) / grid[1], _SMALLEST_NORMAL)
+
+
 def _clip_range(grid, clip):
     return clip * (grid[0] / grid[1]), clip
 
@@ -180,7 +186,7 @@ def _quantize_clipped(x, grid, clip, unit_scale):
     low, high = _clip_range(grid, clip)
     # minimum/maximum rather than clip: the clip may broadcast x to a larger shape.
     saturated = ops.minimum(ops.maximum(x, low), high)
-    return quantize_dequantize(saturated, grid, ops.maximum(clip / grid[1], SMALLEST_NORMAL))
+    return quantize_dequantize(saturated, grid, scale(grid, clip))
 
 
 def compiled(function):

@@ -3,7 +3,7 @@
     fixed = fliqs_keras.export.fixed_model(searched)       # plain Keras, chosen formats frozen
     fliqs_keras.export.save_policy(searched, "policy.json")
     result = fliqs_keras.export.to_tflite(searched, "model.tflite", representative_x)
-    print(result)                                            # agreement with Keras, legalization
+    result.argmax_agreement, result.layers                   # agreement with Keras, legalization
 
 `to_tflite` writes a file that runs the mixed policy for real (see `tflite`
 and `legalize`), carries the policy and the format annotations in its
