@@ -4,10 +4,15 @@ TFLite kernels run INT8 and INT4 weights (INT4 packed two per byte) with INT8
 or INT16 activations, and float. Every other format is mapped to the nearest
 thing that runs, and each mapping is reported:
 
-- INT2 and INT3 weights are stored as INT4, INT5 to INT7 as INT8, at the
-  trained scale: the trained integers fit, so the weights are unchanged.
+- INT2 and INT3 weights are stored as INT4, INT5 to INT7 as INT8.
   Depthwise convolutions have no INT4 kernel: their INT2 to INT4 weights
-  are stored as INT8, the same integers.
+  are stored as INT8; so are INT2 and INT3 weights whose inputs are INT2 or
+  INT3 (see below). Narrower codes are stored times the largest integer
+  that keeps them in range (`weight_widening`: x7 for INT2 in INT4), at the
+  trained scale divided by it: the weights are unchanged, and the int32
+  bias, whose step is the input step times the weight step, is that much
+  finer (at INT2 x INT2 it would otherwise round a folded batch norm's
+  shift by up to a third of an input level).
 - Weights wider than 8 bits, and floating-point weights (FP8, FP6, FP4,
   BF16, FP16), are stored as float32 values that are exactly the trained
   ones, annotated with their format and scale (`annotations`); their op
@@ -53,6 +58,17 @@ class LayerPlan:
         return f"weights {weights}, inputs {inputs}"
 
 
+def weight_widening(weight_format, storage_bits: int) -> int:
+    """The integer a signed format's weight codes are multiplied by in INT`storage_bits` storage.
+
+    The largest that keeps them in range: the stored weights are the same, and
+    TFLite's int32 bias, whose step is the input step times the weight step,
+    gets that many times finer.
+    """
+    fmt = formats.get(weight_format)
+    return int((2 ** (storage_bits - 1) - 1) // (2 ** (fmt.bits - 1) - 1))
+
+
 def plan_layer(layer: str, entry: dict[str, Any]) -> LayerPlan:
     """The treatment of one policy entry (see `policy_file`)."""
     weight = formats.get(entry["weight_format"]) if entry["weight_format"] else None
@@ -83,10 +99,16 @@ def plan_layer(layer: str, entry: dict[str, Any]) -> LayerPlan:
         weight_bits = 4 if weight.bits <= 4 else 8
         if weight_bits == 4 and entry["type"] not in _INT4_OPS:
             weight_bits = 8
-            notes.append(f"{weight.name} weights stored as INT8 ({entry['type']} has no INT4 kernel); "
-                         "same integers")
+            notes.append(f"{weight.name} weights stored as INT8 ({entry['type']} has no INT4 kernel)")
+        elif weight.bits < 4 and activation_bits is not None and activation.bits < 4:
+            weight_bits = 8
+            notes.append(f"{weight.name} weights stored as INT8, not INT4: with {activation.name} inputs the "
+                         "int32 bias needs the finer weight step")
         elif weight.bits not in (4, 8):
-            notes.append(f"{weight.name} weights stored as INT{weight_bits}; same integers")
+            notes.append(f"{weight.name} weights stored as INT{weight_bits}")
+        widen = weight_widening(weight, weight_bits)
+        if widen > 1:
+            notes.append(f"codes x{widen}: the same weights, a {widen}x finer int32 bias step")
         if activation_bits is None:
             notes.append("integer weights dequantized; the op computes in float")
     elif weight is not None:

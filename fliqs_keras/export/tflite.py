@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fliqs_keras import formats
+from fliqs_keras.export import legalize
 from fliqs_keras.export.fixed import ExportedWeight
 from fliqs_keras.export.legalize import LayerPlan
 
@@ -184,7 +185,8 @@ def trained_ranges(model_t, plans: list[LayerPlan], named: dict[str, int], kerne
         shape = [1] * len(weight.shape)
         shape[axis] = -1
         qmax = 2.0 ** (plan.weight_bits - 1) - 1
-        bound = (kernels[plan.layer].scale.astype(np.float64) * qmax).reshape(shape)
+        widen = legalize.weight_widening(policy["layers"][plan.layer]["weight_format"], plan.weight_bits)
+        bound = (kernels[plan.layer].scale.astype(np.float64) / widen * qmax).reshape(shape)
         ranges[weight.name.decode()] = {"min": -bound, "max": bound}
         if plan.activation_bits is None:
             continue
@@ -205,9 +207,14 @@ def trained_ranges(model_t, plans: list[LayerPlan], named: dict[str, int], kerne
             code = None if producer is None else builtin_code(model_t, graph.operators[producer])
             if code not in PASS_THROUGH and code not in _SATURATING or uses.get(tensor) != 1:
                 break
+            upstream = graph.operators[producer].inputs[0]
+            if uses.get(upstream) != 1 and code in _SATURATING:
+                # Other layers read that tensor too (a residual block's input, say), each
+                # through its own saturation: one layer's grid would round the others'.
+                break
             if code in PASS_THROUGH:
                 passthrough[producer] = 8 if bits <= 8 else 16
-            tensor = graph.operators[producer].inputs[0]
+            tensor = upstream
     return ranges, passthrough
 
 
