@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fliqs_keras  # noqa: E402
-from fliqs_keras import cost, data  # noqa: E402
+from fliqs_keras import cost, data, models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order, format draws).")
@@ -40,16 +40,6 @@ flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON and PNG 
 CHOICES = ["int2", "int4", "int8"]
 
 
-def small_cnn() -> keras.Model:
-    inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(x))
-    return keras.Model(inputs, outputs, name="small_cnn")
-
-
 def _compile(model):
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
@@ -58,7 +48,7 @@ def _compile(model):
 def run_seed(seed: int, splits) -> dict:
     (x_train, y_train), (x_held, y_held), (x_test, y_test) = splits
     keras.utils.set_random_seed(seed)
-    base = small_cnn()
+    base = models.small_cnn()
 
     searched = fliqs_keras.apply(base, CHOICES)
     _compile(searched)

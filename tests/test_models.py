@@ -30,6 +30,8 @@ SMALL = {
     "resnet18_imagenet_stem": lambda: models.resnet18((64, 64, 3), classes=10, width=0.25),
     "mobilenet_v2": lambda: models.mobilenet_v2((28, 28, 1), classes=10, width=0.35, small_input=True),
     "vit": lambda: models.vit((32, 32, 3), classes=10, patch=8, width=32, depth=2, heads=2),
+    "digits_resnet_8x8": lambda: models.digits_resnet((8, 8, 1)),
+    "small_cnn": lambda: models.small_cnn(),
 }
 
 
@@ -67,3 +69,15 @@ def test_bad_arguments_are_named():
         models.mobilenet_v2(width=0)
     with pytest.raises(ValueError, match="patch size"):
         models.vit((30, 30, 3), patch=8)
+
+
+def test_digits_resnet_spreads_its_cost_unevenly():
+    """The Pareto benchmark's model: the 3x3 block convolutions carry the MACs, the rest is cheap."""
+    costs = fliqs_keras.cost.layer_costs(fliqs_keras.apply(models.digits_resnet(), "int8"))
+    macs = {entry.path: entry.macs for entry in costs}
+    assert sum(macs.values()) == 3_246_240
+    heavy = sum(v for k, v in macs.items() if k.endswith(("_1_conv", "_2_conv")))
+    assert heavy / sum(macs.values()) > 0.9
+    assert macs["stem_conv"] < 0.03 * sum(macs.values()) and macs["logits"] == 480
+    with pytest.raises(ValueError, match="width must be > 0"):
+        models.digits_resnet(width=0)

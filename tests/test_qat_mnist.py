@@ -4,18 +4,7 @@ import keras
 import numpy as np
 
 import fliqs_keras
-from fliqs_keras import data
-
-
-def _cnn():
-    inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(10, name="logits")(x)
-    return keras.Model(inputs, outputs)
+from fliqs_keras import data, models
 
 
 def _train(model, x, y, epochs, seed):
@@ -28,7 +17,7 @@ def _train(model, x, y, epochs, seed):
 def test_int8_qat_matches_float_and_int2_is_measurably_lower():
     (x_train, y_train), (x_test, y_test) = data.mnist_digits(seed=0)
     keras.utils.set_random_seed(0)
-    model = _cnn()
+    model = models.small_cnn()
     _train(model, x_train, y_train, epochs=3, seed=1)
     # Every run continues from the same float checkpoint, with the same data order.
     int8 = fliqs_keras.apply(model, "int8")

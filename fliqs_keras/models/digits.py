@@ -1,0 +1,42 @@
+"""Small models for the offline digits (28x28 MNIST, 8x8 scikit-learn digits).
+
+`digits_resnet` is the benchmark model: its layers differ in cost and in
+sensitivity, so there is room for a mixed-precision policy to beat a uniform
+one. The stem (one input channel), the 1x1 projections and the classifier are
+cheap and sensitive; the 3x3 convolutions of the two residual blocks carry
+nearly all the MACs. `small_cnn` is the two-convolution CNN of the tests,
+where uniform INT4 already matches INT8.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from fliqs_keras.models.resnet import _basic_block, _channels, _conv_bn
+
+
+def digits_resnet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0) -> keras.Model:
+    """A stem of 12 channels, then two residual blocks (24 and 48 channels, stride 2 each).
+
+    About 3.3 M MACs at 28x28 with width 1; the classifier outputs logits.
+    """
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}.")
+    inputs = keras.Input(input_shape, name="image")
+    x = _conv_bn(inputs, _channels(12, width), 3, 1, "stem")
+    for stage, filters in enumerate((24, 48)):
+        x = _basic_block(x, _channels(filters, width), 2, f"stage{stage + 1}_block1")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="digits_resnet")
+
+
+def small_cnn(input_shape=(28, 28, 1), classes: int = 10) -> keras.Model:
+    """Two 3x3 convolutions with max pools and a dense classifier (logits)."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    outputs = keras.layers.Dense(classes, name="logits")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs, name="small_cnn")
