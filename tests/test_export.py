@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fliqs_keras
-from fliqs_keras import data, export
+from fliqs_keras import data, export, models
 from fliqs_keras.export import annotations, legalize
 
 CHOICES = ["int2", "int4", "int8", "e4m3"]
@@ -150,10 +150,13 @@ def test_tflite_holds_the_trained_integers(trained, tmp_path):
             shape[frozen.channel_axis] = -1
             trained_integers = np.round(frozen.values / frozen.scale.reshape(shape))
             assert np.abs(trained_integers).max() <= frozen.fmt.max_value
-            expected = _to_tflite_layout(trained_integers, type(wrapper.layer).__name__)
             integers, kind, scales, _ = _kernel(content, layer)
-            # Depthwise convolutions have no INT4 kernel: INT8 storage, the same integers.
-            assert kind == (17 if policy[layer] in ("int2", "int4") and layer != "depthwise" else 9), layer
+            # Depthwise convolutions have no INT4 kernel, and INT2 weights with INT2
+            # inputs need the finer bias of INT8 storage; narrower codes are widened.
+            assert kind == (17 if layer == "conv2" else 9), layer
+            widen = legalize.weight_widening(policy[layer], 4 if kind == 17 else 8)
+            assert widen == {"depthwise": 18, "logits": 127}.get(layer, 1), layer
+            expected = _to_tflite_layout(trained_integers * widen, type(wrapper.layer).__name__)
             # A folded batch norm with a negative gain flips its channel's sign.
             norm = {"conv1": "bn1", "depthwise": "bn_depthwise", "conv2": "bn2"}.get(layer)
             if norm:
@@ -167,6 +170,28 @@ def test_tflite_holds_the_trained_integers(trained, tmp_path):
     finally:
         for variable, value in zip(conv2._fractions + dense1._fractions, saved):
             variable.assign(value)
+
+
+def test_residual_blocks_whose_input_feeds_layers_of_different_grids_agree(tmp_path):
+    """A block input read by an INT4 and an INT2 layer, each with its own clip: no grid may round the other's."""
+    (x_train, y_train), (x_test, _) = data.mnist_digits(seed=0)
+    keras.utils.set_random_seed(0)
+    searchable = fliqs_keras.apply(models.digits_resnet(width=0.5), ["int2", "int4", "int8"])
+    names = list(fliqs_keras.decisions(searchable))
+    rng = np.random.default_rng(0)
+
+    class Switch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            fliqs_keras.set_formats(searchable, {n: ["int2", "int4", "int8"][rng.integers(3)] for n in names})
+
+    searchable.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    searchable.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0, callbacks=[Switch()])
+    policy = {"stem_conv": "int2", "stage1_block1_1_conv": "int4", "stage1_block1_2_conv": "int2",
+              "stage1_block1_proj_conv": "int2", "stage2_block1_1_conv": "int2", "stage2_block1_2_conv": "int4",
+              "stage2_block1_proj_conv": "int4", "logits": "int4"}
+    _set(searchable, policy)
+    result = export.to_tflite(searchable, tmp_path / "resnet.tflite", x_test[:400], min_agreement=0.95)
+    assert result.argmax_agreement >= 0.95, str(result)
 
 
 def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_path):
@@ -258,8 +283,11 @@ def test_untrained_format_is_named_before_export(tmp_path):
 @pytest.mark.parametrize("layer_type, weight, activation, signed, expected, note", [
     ("Conv2D", "int8", "int8", True, (8, 8, False), None),
     ("Conv2D", "int4", "int16", True, (4, 16, False), None),
-    ("Conv2D", "int2", "int2", False, (4, 8, False), "int2 weights stored as INT4"),
-    ("Conv2D", "int3", "int3", True, (4, 8, False), "int3 grid"),
+    ("Conv2D", "int2", "int8", False, (4, 8, False), "int2 weights stored as INT4"),
+    ("Conv2D", "int2", "int8", False, (4, 8, False), "codes x7"),
+    ("Conv2D", "int2", "int2", False, (8, 8, False), "stored as INT8, not INT4"),
+    ("Conv2D", "int3", "int3", True, (8, 8, False), "int3 grid"),
+    ("Conv2D", "int3", "int4", True, (4, 8, False), "codes x2"),
     ("Dense", "int6", "int6", True, (8, 8, False), "int6 weights stored as INT8"),
     ("DepthwiseConv2D", "int4", "int8", True, (8, 8, False), "no INT4 kernel"),
     ("Conv2D", "int16", "int16", True, (None, None, True), "int16 weights"),
