@@ -6,7 +6,9 @@ weights and inputs in the format currently chosen for it. The numerical base:
 `formats` (what a format is), `quantizers` (exact fake quantization) and
 `clipping` (per-format clip thresholds). `FliqsSearch` runs the search during
 `fit`; `export` writes the fixed model, the policy file and a verified TFLite file;
-`models` holds reference networks (ResNet-18/50, MobileNetV2, a small ViT).
+`models` holds reference networks (ResNet-18/50, MobileNetV2, a small ViT,
+small digits models); `data` the offline digits and the TFDS pipelines;
+`plots` the figure of a search.
 """
 
 from fliqs_keras import clipping, controller, cost, export, formats, layers, models, policy_file, quantizers

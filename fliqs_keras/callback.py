@@ -97,6 +97,8 @@ class FliqsSearch(keras.callbacks.Callback):
             (datasets of unknown length).
         cost_table: for ``cost="table"``: a dict or JSON file.
         log_dir: where to write per-decision probabilities for TensorBoard.
+        record_every: also record the probabilities in `history` every this
+            many steps (0: at the start and at the end of every epoch only).
     """
 
     def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
@@ -104,7 +106,8 @@ class FliqsSearch(keras.callbacks.Callback):
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
                  learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
-                 total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None):
+                 total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
+                 record_every: int = 0):
         super().__init__()
         if quality not in QUALITIES:
             raise ValueError(f"Unknown quality {quality!r}; expected one of {QUALITIES}.")
@@ -123,8 +126,12 @@ class FliqsSearch(keras.callbacks.Callback):
         self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
         self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
         self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
+        if record_every < 0:
+            raise ValueError(f"record_every must be >= 0, got {record_every}.")
         self.total_steps_arg, self.cost_table, self.log_dir = total_steps, cost_table, log_dir
+        self.record_every = int(record_every)
         self.history: list[dict[str, Any]] = []
+        """Per record: the epoch, the step and ``{decision: {format: probability}}``."""
         self._writer = None
 
     # --- set-up -----------------------------------------------------------------------
@@ -174,6 +181,8 @@ class FliqsSearch(keras.callbacks.Callback):
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._epoch = 0
+        self._record()
 
     # --- the compiled search step ----------------------------------------------------------
 
@@ -235,18 +244,31 @@ class FliqsSearch(keras.callbacks.Callback):
     # --- reporting and the end ---------------------------------------------------------------
 
     def on_train_batch_end(self, batch, logs=None):
+        if self.record_every:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            if step - self.history[-1]["step"] >= self.record_every:
+                self._record()
         if logs and "reward" in logs and not math.isfinite(float(logs["reward"])):
             logging.warning("FliqsSearch: non-finite reward at batch %d (loss %s): the policy update was "
                             "skipped; the policy and the training state are kept.", batch, logs.get("loss"))
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _record(self) -> dict[str, Any]:
         model = self.model
         probabilities = keras.ops.convert_to_numpy(model.controller.probabilities())
         choices = decisions(model)
-        record = {"epoch": epoch, "probabilities": {
-            name: {f.name: float(p) for f, p in zip(choices[name], row)}
-            for name, row in zip(model.decision_names, probabilities)}}
-        self.history.append(record)
+        record = {"epoch": self._epoch, "step": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+                  "probabilities": {name: {f.name: float(p) for f, p in zip(choices[name], row)}
+                                    for name, row in zip(model.decision_names, probabilities)}}
+        if not self.history or self.history[-1]["step"] != record["step"]:
+            self.history.append(record)
+        return record
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = self.model
+        record = self._record()
         if self._writer is not None:
             import tensorflow as tf
 

@@ -27,3 +27,46 @@ def test_quantize_digits_runs_and_reports_every_format(tmp_path):
     # INT2 with max clipping (one level per sign) must lose more than INT8 does.
     assert rows["int2"]["accuracy_max_clip"] < rows["int8"]["accuracy_max_clip"]
     assert (tmp_path / "float_model.keras").stat().st_size > 0
+
+
+def _search(tmp_path, *flags):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "search.py"), "--epochs=1", "--max_train_examples=384",
+         "--batch_size=32", f"--output_dir={tmp_path}", *flags],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
+    result = _search(tmp_path, "--search_space=int4,int8,e4m3", "--target=int8*0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("policy.json", "searched.keras", "fixed.keras", "model.tflite", "search.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    policy = json.loads((tmp_path / "policy.json").read_text())
+    assert set(results["policy"]) == set(policy["decisions"]) and len(results["policy"]) == 8
+    assert set(results["policy"].values()) <= {"int4", "int8", "e4m3"}
+    assert results["target_cost"] == results["uniform_int8_cost"] * 0.5
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["replicas"] == 1
+    assert "tflite_verified" in results
+    # The per-layer table and the cost/accuracy table are printed.
+    assert "stage2_block1_2_conv" in result.stdout and "searched policy" in result.stdout
+
+
+def test_search_script_runs_mirrored_on_two_logical_cpus(tmp_path):
+    result = _search(tmp_path, "--strategy=mirrored", "--logical_cpus=2", "--noexport_tflite",
+                     "--model=small_cnn", "--search_space=int2,int4,int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["replicas"] == 2 and set(results["policy"]) == {"conv1", "conv2", "logits"}
+    assert (tmp_path / "policy.json").exists() and not (tmp_path / "model.tflite").exists()
+
+
+def test_search_script_refuses_multi_worker_and_unknown_strategies(tmp_path):
+    result = _search(tmp_path, "--strategy=multi_worker_mirrored")
+    assert result.returncode != 0
+    assert "MultiWorkerMirroredStrategy is not offered" in result.stderr and "default, mirrored, tpu" in result.stderr
+    result = _search(tmp_path, "--strategy=horovod")
+    assert result.returncode != 0 and "Unknown --strategy='horovod'" in result.stderr
+    result = _search(tmp_path, "--dataset=cifar10")
+    assert result.returncode != 0 and "--data_dir" in result.stderr

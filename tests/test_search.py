@@ -58,7 +58,9 @@ def test_search_logs_learns_and_freezes_the_argmax_policy(digits, tmp_path):
     assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
     assert cost.bops(model) == cost.CostModel(model).cost(chosen)
     assert int(model.controller.updates.numpy()) > 0
-    assert len(search.history) == 3 and set(search.history[0]["probabilities"]["conv1"]) == {"int2", "int4", "int8"}
+    # One record at the start, one at the end of each epoch.
+    assert [r["epoch"] for r in search.history] == [0, 0, 1, 2]
+    assert set(search.history[0]["probabilities"]["conv1"]) == {"int2", "int4", "int8"}
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
     json.dumps(chosen)
 
@@ -179,3 +181,24 @@ def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
     assert abs(cost.bops(model) / cost.bops(model, "int4") - 1) <= 0.10
     assert float(np.max(model.controller.entropy().numpy())) < 0.1
     assert model.evaluate(x_test, y_test, verbose=0)[1] > 0.9
+
+
+def test_history_records_the_probabilities_every_few_steps_and_the_figure_draws_them(digits, tmp_path):
+    from fliqs_keras import plots
+
+    model, search, _ = _search(digits, epochs=1, record_every=5)
+    steps = [record["step"] for record in search.history]
+    assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == 24  # 1536 / 64 steps
+    assert all(b - a <= 5 for a, b in zip(steps, steps[1:]))
+    for record in search.history:
+        for row in record["probabilities"].values():
+            assert sum(row.values()) == pytest.approx(1.0, abs=1e-5)
+    first = search.history[0]["probabilities"]
+    assert all(p == pytest.approx(1 / 3) for row in first.values() for p in row.values())  # uniform at the start
+    chosen = fliqs_keras.policy(model)
+    path = plots.search_figure(search.history, chosen, search.costs, tmp_path / "search.png")
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="No probabilities were recorded"):
+        plots.search_figure([], chosen, search.costs, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="record_every"):
+        fliqs_keras.FliqsSearch(quality="loss", record_every=-1)

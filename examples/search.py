@@ -1,0 +1,234 @@
+"""Search the number format of every layer in one training run, then export.
+
+    python examples/search.py                                  # offline MNIST digits, a few minutes on 2 cores
+    python examples/search.py --dataset=cifar10 --data_dir=~/tensorflow_datasets --model=resnet18 \\
+        --search_space=int4,int8,e4m3 --target=int4*1.1 --epochs=90 --strategy=mirrored
+    python examples/search.py --dataset=imagenet2012 --data_dir=gs://... --model=resnet50 \\
+        --strategy=tpu --tpu=my-tpu --batch_size=1024
+
+It trains the model with the FLIQS search (`fliqs_keras.FliqsSearch`, Keras
+progress bar), prints the chosen format of every layer with its cost, and
+the cost/accuracy table, and writes to --output_dir:
+
+* ``policy.json``: the searched policy (`fliqs_keras.export.save_policy`);
+* ``searched.keras``: the searchable model in its chosen formats (reload it
+  for `examples/export.py` or further QAT); ``fixed.keras``: the plain Keras
+  model with the formats frozen;
+* ``model.tflite``: the mixed-precision TFLite file, verified against Keras;
+* ``logs/``: TensorBoard logs (losses, reward, cost ratios, probabilities);
+* ``search.png``: each layer's chosen format and how its decision's
+  probabilities moved during training; ``results.json``: the numbers.
+
+TFDS datasets are read from a prepared local --data_dir; nothing downloads
+unless --download is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+MODELS = ("digits_resnet", "small_cnn", "resnet18", "resnet50", "mobilenet_v2", "vit")
+DATASETS = ("mnist", "digits8", "cifar10", "imagenet2012")
+STRATEGIES = ("default", "mirrored", "tpu")
+flags.DEFINE_enum("model", "digits_resnet", MODELS, "Model from fliqs_keras.models.")
+flags.DEFINE_enum("dataset", "mnist", DATASETS, "mnist and digits8 ship offline; cifar10 and imagenet2012 "
+                  "are TFDS datasets read from --data_dir.")
+flags.DEFINE_string("data_dir", None, "Local TFDS data directory (for cifar10 and imagenet2012).")
+flags.DEFINE_bool("download", False, "Let TFDS download and prepare a missing dataset.")
+flags.DEFINE_integer("image_size", None, "Input side for TFDS datasets (default: the dataset's own).")
+flags.DEFINE_string("search_space", "int2,int4,int8,e4m3", "Comma-separated formats every supported layer "
+                    "chooses among, or a JSON file of a SearchSpace config.")
+flags.DEFINE_enum("cost", "bops", ["bops", "size", "table"], "Cost metric.")
+flags.DEFINE_string("cost_table", None, "JSON cost table for --cost=table.")
+flags.DEFINE_string("target", "int4", "Cost target: a number, a format (its uniform cost) or format*factor.")
+flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
+flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
+                   "thousand steps; the paper's 5e-3 suits long ones).")
+flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
+flags.DEFINE_integer("epochs", 8, "Training epochs.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the weights.")
+flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the format draws.")
+flags.DEFINE_integer("max_train_examples", None, "Train on at most this many examples (offline datasets).")
+flags.DEFINE_string("strategy", "default", "default, mirrored (all local devices) or tpu (with --tpu).")
+flags.DEFINE_string("tpu", None, "TPU address or name for --strategy=tpu.")
+flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into this many logical devices (to try --strategy="
+                     "mirrored without accelerators).")
+flags.DEFINE_bool("export_tflite", True, "Write and verify the TFLite file.")
+flags.DEFINE_string("output_dir", "output/search", "Where the policy, models, logs and plot go.")
+
+UNSUPPORTED_STRATEGIES = {
+    "multi_worker_mirrored": "MultiWorkerMirroredStrategy is not offered: Keras 3's fit fails under it "
+                             "(TF 2.21 / Keras 3.15.1: \"Attempt to convert a value (PerReplica ...)\", see the "
+                             "Keras issue \"Does Keras 3 work with tf.distribute.MultiWorkerMirroredStrategy?\")",
+    "parameter_server": "ParameterServerStrategy is not supported by Keras 3's fit",
+}
+
+
+def _strategy(name: str, tpu: str | None):
+    import tensorflow as tf
+
+    key = name.lower().replace("-", "_").replace("strategy", "").strip("_")
+    if key in ("multiworkermirrored", "multi_worker", "multi_worker_mirrored"):
+        key = "multi_worker_mirrored"
+    if key in UNSUPPORTED_STRATEGIES:
+        raise app.UsageError(f"--strategy={name}: {UNSUPPORTED_STRATEGIES[key]}. Supported: {', '.join(STRATEGIES)}.")
+    if key not in STRATEGIES:
+        raise app.UsageError(f"Unknown --strategy={name!r}; supported: {', '.join(STRATEGIES)}.")
+    if key == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if key == "tpu":
+        if not tpu:
+            raise app.UsageError("--strategy=tpu needs --tpu (the TPU's name or grpc:// address; 'local' on a TPU VM).")
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.get_strategy()
+
+
+def _data():
+    """(train, held_out, test, representative inputs, input shape, classes); train is arrays or a dataset."""
+    from fliqs_keras import data
+
+    if FLAGS.dataset in ("mnist", "digits8"):
+        load = data.mnist_digits if FLAGS.dataset == "mnist" else data.sklearn_digits
+        (x, y), test = load(seed=0)
+        train, held = data.held_out_split(x, y, fraction=0.125, seed=0)
+        if FLAGS.max_train_examples:
+            train = (train[0][:FLAGS.max_train_examples], train[1][:FLAGS.max_train_examples])
+        return train, held, test, held[0], x.shape[1:], 10
+    if not FLAGS.data_dir:
+        raise app.UsageError(f"--dataset={FLAGS.dataset} is read from a local TFDS directory: pass --data_dir.")
+    spec = data.TFDS_DATASETS[FLAGS.dataset]
+    splits = data.tfds_splits()
+
+    def pipeline(split, training):
+        return data.tfds_pipeline(FLAGS.dataset, split, FLAGS.data_dir, FLAGS.batch_size, training,
+                                  image_size=FLAGS.image_size, download=FLAGS.download, seed=FLAGS.seed)
+
+    import numpy as np
+
+    held = pipeline(splits["held_out"], False)
+    representative = np.concatenate([x for x, _ in held.take(max(1, 512 // FLAGS.batch_size)).as_numpy_iterator()])
+    size = FLAGS.image_size or spec.image_size
+    return (pipeline(splits["train"], True), held, pipeline(spec.test_split, False), representative,
+            (size, size, 3), spec.classes)
+
+
+def _model(input_shape, classes):
+    from fliqs_keras import models
+
+    small = input_shape[0] <= 64
+    if FLAGS.model in ("resnet18", "resnet50"):
+        return getattr(models, FLAGS.model)(input_shape, classes, stem="cifar" if small else "imagenet")
+    if FLAGS.model == "mobilenet_v2":
+        return models.mobilenet_v2(input_shape, classes, small_input=small)
+    if FLAGS.model == "vit":
+        patch = 4 if small else 16
+        if input_shape[0] % patch:
+            raise app.UsageError(f"--model=vit needs an input side divisible by its patch {patch}, got {input_shape}.")
+        return models.vit(input_shape, classes, patch=patch)
+    return getattr(models, FLAGS.model)(input_shape, classes)
+
+
+def _search_space():
+    if FLAGS.search_space.endswith(".json"):
+        return json.loads(pathlib.Path(FLAGS.search_space).read_text())
+    return FLAGS.search_space
+
+
+def main(argv):
+    del argv
+    if FLAGS.logical_cpus:
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.logical_cpus)
+    strategy = _strategy(FLAGS.strategy, FLAGS.tpu)
+
+    import keras
+
+    import fliqs_keras
+    from fliqs_keras import cost, export, plots
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    train, held, test, representative, input_shape, classes = _data()
+    output = pathlib.Path(FLAGS.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with strategy.scope():
+        searchable = fliqs_keras.apply(_model(input_shape, classes), _search_space())
+        searchable.compile(keras.optimizers.Adam(FLAGS.learning_rate),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    logging.info("%s", fliqs_keras.report(searchable))
+    search = fliqs_keras.FliqsSearch(
+        cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
+        learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight, seed=FLAGS.seed,
+        cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
+    callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
+    if isinstance(train, tuple):
+        searchable.fit(*train, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, callbacks=callbacks)
+        metrics = searchable.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)
+    else:
+        searchable.fit(train, epochs=FLAGS.epochs, callbacks=callbacks)
+        metrics = searchable.evaluate(test, verbose=0, return_dict=True)
+
+    chosen = fliqs_keras.policy(searchable)
+    costs = cost.CostModel(searchable, FLAGS.cost, FLAGS.cost_table)
+    results = {
+        "model": FLAGS.model, "dataset": FLAGS.dataset, "search_space": FLAGS.search_space,
+        "cost_metric": FLAGS.cost, "target": FLAGS.target, "target_cost": search.target,
+        "cost": costs.cost(chosen), "cost_ratio_to_target": costs.cost(chosen) / search.target,
+        "uniform_int8_cost": costs.uniform("int8"), "weight_bytes": cost.size_bits(searchable) / 8,
+        "test_accuracy": float(metrics["accuracy"]), "policy": chosen, "epochs": FLAGS.epochs,
+        "replicas": strategy.num_replicas_in_sync,
+    }
+    export.save_policy(searchable, output / "policy.json")
+    searchable.save(output / "searched.keras")
+    export.fixed_model(searchable).save(output / "fixed.keras")
+    verification = None
+    if FLAGS.export_tflite:
+        try:
+            verification = export.to_tflite(searchable, output / "model.tflite", representative)
+            results["tflite_verified"] = True
+        except export.ExportVerificationError as error:
+            # The search's results stand; the file is kept for inspection, and the run says so loudly.
+            logging.error("%s", error)
+            results["tflite_verified"], results["tflite_error"] = False, str(error).splitlines()[0]
+        else:
+            results["tflite_argmax_agreement"] = verification.argmax_agreement
+    plots.search_figure(search.history, chosen, costs, output / "search.png")
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+
+    # The tables are this script's output, so they go to stdout.
+    print(cost.summary(searchable))
+    print()
+    print(f"{'':24}{FLAGS.cost:>14}{'x target':>10}{'x int8':>8}{'weight bytes':>14}{'test acc':>10}")
+    print(f"{'searched policy':24}{results['cost']:>14.4g}{results['cost_ratio_to_target']:>10.3f}"
+          f"{results['cost'] / results['uniform_int8_cost']:>8.3f}{results['weight_bytes']:>14,.0f}"
+          f"{results['test_accuracy']:>10.4f}")
+    print(f"{'target (' + FLAGS.target + ')':24}{search.target:>14.4g}")
+    if verification is not None:
+        print(verification)
+    elif FLAGS.export_tflite:
+        print(f"TFLITE NOT VERIFIED: {results['tflite_error']}")
+    print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
+
+
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+if __name__ == "__main__":
+    app.run(main)
