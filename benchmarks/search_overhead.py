@@ -13,9 +13,16 @@ inference pass on a held-out slice, 16 examples by default) and from the
 training loss (no extra pass), against fixed-format INT8 QAT (the 1-choice
 configuration). Target: <= 1.15x the time, <= 1.05x the memory.
 
-Writes `search_overhead.json` and `search_overhead.png` to --output_dir.
+--model=resnet18 runs the same comparison on `fliqs_keras.models.resnet18`
+(ImageNet stem and 1000 classes from 128x128 up): the size where the
+search's fixed costs are small against a step, and the one to run on a GPU
+(peak GPU memory is then reported beside the host's RSS).
+
+Writes `search_overhead[_<model>_<size>].json` and `.png` to --output_dir.
 
     .venv/bin/python benchmarks/search_overhead.py [--steps=60] [--rounds=3] [--batch_size=64]
+    .venv/bin/python benchmarks/search_overhead.py --model=resnet18 --image_size=224 --batch_size=32 \
+        --steps=10 --warmup=3 --rounds=1 --configs=search_accuracy,search_loss
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ flags.DEFINE_integer("image_size", 32, "Side of the synthetic square RGB images.
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON and PNG go.")
 flags.DEFINE_string("worker", "", "Internal: run one configuration and print its JSON.")
 flags.DEFINE_list("configs", [], "Configurations to run (default: all); '1' is always included.")
+flags.DEFINE_enum("model", "small_resnet", ["small_resnet", "resnet18"], "The model timed.")
 flags.DEFINE_integer("held_out_batch_size", 16, "Held-out examples per step for search_accuracy (FliqsSearch's default).")
 
 CHOICES = {
@@ -80,6 +88,24 @@ def small_resnet(image_size: int):
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="small_resnet")
 
 
+def _model():
+    if FLAGS.model == "small_resnet":
+        return small_resnet(FLAGS.image_size)
+    from fliqs_keras import models
+
+    large = FLAGS.image_size >= 128
+    return models.resnet18((FLAGS.image_size, FLAGS.image_size, 3), classes=1000 if large else 10,
+                           stem="imagenet" if large else "cifar")
+
+
+def _gpu_peak_mib() -> float | None:
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -91,13 +117,17 @@ def run_worker(config: str) -> dict:
 
     import fliqs_keras
 
+    import tensorflow as tf
+
     keras.utils.set_random_seed(0)
     steps = FLAGS.warmup + FLAGS.steps
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (steps * FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)).astype(np.float32)
+    # A pool of at most 8 batches, cycled: a 224x224 run must not hold every step's inputs.
+    pool = min(steps, 8) * FLAGS.batch_size
+    x = rng.normal(0, 1, (pool, FLAGS.image_size, FLAGS.image_size, 3)).astype(np.float32)
     y = rng.integers(0, 10, len(x))
     baseline_mib = _rss_mib()
-    model = small_resnet(FLAGS.image_size)
+    model = _model()
     switch = None
     if config.startswith("search"):
         model = fliqs_keras.apply(model, CHOICES[4])
@@ -128,10 +158,12 @@ def run_worker(config: str) -> dict:
             times.append(time.perf_counter() - self.start)
 
     callbacks = [c for c in (switch, Timer()) if c is not None]
-    model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size, drop_remainder=True).repeat()
+    model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "config": config,
+        "gpu_peak_mib": _gpu_peak_mib(),
         "step_seconds_median": statistics.median(times[FLAGS.warmup:]),
         "peak_rss_mib": peak_mib,
         "training_increment_mib": peak_mib - baseline_mib,
@@ -155,7 +187,7 @@ def _plot(results, path):
     right.set_ylabel("peak RSS above start (MiB)")
     for axis in (left, right):
         axis.tick_params(axis="x", labelsize=8)
-    figure.suptitle(f"Single-path search overhead: small ResNet, batch {results['batch_size']}, "
+    figure.suptitle(f"Single-path search overhead: {results['model']}, batch {results['batch_size']}, "
                     f"{results['image_size']}x{results['image_size']}, {results['device']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -169,6 +201,15 @@ def _selected() -> list[str]:
     return [c for c in CONFIGS if c in chosen or c == "1"]
 
 
+def _device() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def summarize(all_runs: list[dict]) -> dict:
     """Per configuration the least disturbed time and memory over the interleaved rounds, and the ratios."""
     runs = []
@@ -178,12 +219,15 @@ def summarize(all_runs: list[dict]) -> dict:
                      "step_seconds_median": min(r["step_seconds_median"] for r in mine),
                      "peak_rss_mib": min(r["peak_rss_mib"] for r in mine),
                      "training_increment_mib": min(r["training_increment_mib"] for r in mine),
+                     "gpu_peak_mib": None if mine[0].get("gpu_peak_mib") is None else min(
+                         r["gpu_peak_mib"] for r in mine),
                      "jit_compile": mine[0]["jit_compile"], "rounds": mine})
     by_config = {r["config"]: r for r in runs}
     one = by_config["1"]
     results = {
         "benchmark": "search_overhead",
-        "device": "CPU (2 cores)" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "GPU",
+        "model": FLAGS.model,
+        "device": _device(),
         "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size,
         "steps": FLAGS.steps,
@@ -211,6 +255,8 @@ def summarize(all_runs: list[dict]) -> dict:
         results["ratios"][f"time_{name}_over_int8_qat"] = run["step_seconds_median"] / one["step_seconds_median"]
         results["ratios"][f"memory_increment_{name}_over_int8_qat"] = (
             run["training_increment_mib"] / one["training_increment_mib"])
+        if one["gpu_peak_mib"]:
+            results["ratios"][f"gpu_memory_{name}_over_int8_qat"] = run["gpu_peak_mib"] / one["gpu_peak_mib"]
     results["search_target"] = (f"search step <= {SEARCH_TARGETS['time']}x the time and "
                                 f"{SEARCH_TARGETS['memory']}x the memory of INT8 QAT (config '1')")
     results["search_meets_target"] = {
@@ -229,7 +275,7 @@ def main(argv):
     for _ in range(FLAGS.rounds):
         for config in _selected():
             flags_passed = [f"--{name}={getattr(FLAGS, name)}" for name in
-                            ("steps", "warmup", "batch_size", "image_size", "held_out_batch_size")]
+                            ("steps", "warmup", "batch_size", "image_size", "held_out_batch_size", "model")]
             output = subprocess.run(
                 [sys.executable, __file__, f"--worker={config}", *flags_passed],
                 capture_output=True, text=True, check=True,
@@ -239,7 +285,8 @@ def main(argv):
     results = summarize(all_runs)
     output_dir = pathlib.Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = "search_overhead" + ("" if not FLAGS.configs else "_" + "_".join(_selected()))
+    stem = "search_overhead" + ("" if FLAGS.model == "small_resnet" else f"_{FLAGS.model}_{FLAGS.image_size}")
+    stem += "" if not FLAGS.configs else "_" + "_".join(_selected())
     (output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
     _plot(results, output_dir / f"{stem}.png")
     print(json.dumps(results["ratios"], indent=2), "meets target:", results.get("meets_target"),
