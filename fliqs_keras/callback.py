@@ -244,10 +244,9 @@ class FliqsSearch(keras.callbacks.Callback):
     # --- reporting and the end ---------------------------------------------------------------
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.record_every:
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            if step - self.history[-1]["step"] >= self.record_every:
-                self._record()
+        # The step is counted here, not read from the optimizer: a read would stall every step.
+        if self.record_every and self._epoch_start + batch + 1 - self.history[-1]["step"] >= self.record_every:
+            self._record()
         if logs and "reward" in logs and not math.isfinite(float(logs["reward"])):
             logging.warning("FliqsSearch: non-finite reward at batch %d (loss %s): the policy update was "
                             "skipped; the policy and the training state are kept.", batch, logs.get("loss"))
@@ -265,6 +264,7 @@ class FliqsSearch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_start = self.history[-1]["step"]  # recorded at the start and after every epoch
 
     def on_epoch_end(self, epoch, logs=None):
         model = self.model
