@@ -53,6 +53,8 @@ flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
 flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
                    "thousand steps; the paper's 5e-3 suits long ones).")
 flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
+flags.DEFINE_float("freeze_at", 1.0, "Fraction of the steps after which the chosen formats are fixed and "
+                   "trained alone (1.0: search to the end).")
 flags.DEFINE_integer("epochs", 8, "Training epochs.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the weights.")
@@ -171,7 +173,8 @@ def main(argv):
     logging.info("%s", fliqs_keras.report(searchable))
     search = fliqs_keras.FliqsSearch(
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
-        learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight, seed=FLAGS.seed,
+        learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
+        freeze_at=FLAGS.freeze_at, seed=FLAGS.seed,
         cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
     callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
     if isinstance(train, tuple):

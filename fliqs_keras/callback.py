@@ -18,6 +18,13 @@ It installs a search step in the model's compiled training step. Each step:
 4. after the warm-up, updates the policy with the reward (`controller.reward`)
    and the entropy penalty of the schedule.
 
+With ``freeze_at < 1`` the search ends early: from that fraction of the steps
+on, every step trains the argmax formats and the policy no longer learns, so
+the chosen formats get the rest of the run to themselves (still one run, no
+retraining). The entropy penalty then reaches its maximum at the freeze step.
+The held-out pass is skipped from then on: ``quality`` and ``reward`` log as
+NaN (not measured) and ``searching`` as 0.
+
 A step whose training loss is not finite is undone (weights and optimizer
 state restored, on one replica) and gives the policy no update.
 
@@ -89,6 +96,10 @@ class FliqsSearch(keras.callbacks.Callback):
             2% at b = 256. The controller averages the noise of a small slice
             over many steps.
         warmup: fraction of the training steps with uniform sampling and a frozen policy.
+        freeze_at: fraction of the training steps after which the argmax
+            formats are fixed and the remaining steps train them alone
+            (1.0, the default: search to the end, as FLIQS does). Must be
+            above `warmup`.
         entropy_weight: the maximum of the entropy penalty; `entropy_schedule`
             is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
         learning_rate, baseline_momentum: of the controller (Adam, EMA).
@@ -104,6 +115,7 @@ class FliqsSearch(keras.callbacks.Callback):
     def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
                  reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
+                 freeze_at: float = 1.0,
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
                  learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
                  total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
@@ -116,6 +128,8 @@ class FliqsSearch(keras.callbacks.Callback):
                              "(or use quality='loss').")
         if not 0 <= warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
+        if not warmup < freeze_at <= 1:
+            raise ValueError(f"freeze_at must be a fraction in (warmup, 1], here ({warmup}, 1], got {freeze_at}.")
         controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
         controller_lib.entropy_weight(0, 2, 0, entropy_weight, entropy_schedule)
         if entropy_weight < 0:
@@ -125,6 +139,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.validation_data = validation_data
         self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
         self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
+        self.freeze_at = float(freeze_at)
         self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}.")
@@ -174,7 +189,8 @@ class FliqsSearch(keras.callbacks.Callback):
         if not total:
             raise ValueError("FliqsSearch cannot tell the number of training steps; pass total_steps=...")
         self.total_steps = int(total)
-        self.warmup_steps = min(int(self.warmup * self.total_steps), self.total_steps - 1)
+        self.search_steps = max(min(math.ceil(self.freeze_at * self.total_steps), self.total_steps), 1)
+        self.warmup_steps = min(int(self.warmup * self.total_steps), self.search_steps - 1)
         self.model.search_step = self._search_step
         self.model.make_train_function(force=True)
         if self.log_dir:
@@ -202,7 +218,8 @@ class FliqsSearch(keras.callbacks.Callback):
         policy = model.controller
         step = model.optimizer.iterations
         warm = step < self.warmup_steps
-        indices = policy.sample(step, uniform=warm)
+        frozen = step >= self.search_steps
+        indices = ops.where(frozen, policy.argmax(), policy.sample(step, uniform=warm))
         model.assign_choices(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
@@ -218,18 +235,21 @@ class FliqsSearch(keras.callbacks.Callback):
         if self.quality == "loss":
             quality = -batch_loss
         else:
-            quality = self._quality(model, step)
+            # Once frozen, the held-out pass would only feed the logs: skip it.
+            quality = ops.cond(frozen, lambda: ops.convert_to_tensor(float("nan")),
+                               lambda: self._quality(model, step))
         cost = self.costs.graph_cost(indices, model.decision_names)
         value = ops.where(finite_loss,
                           controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind),
                           float("nan"))
-        penalty = controller_lib.entropy_weight(step, self.total_steps, self.warmup_steps, self.entropy_max,
+        penalty = controller_lib.entropy_weight(step, self.search_steps, self.warmup_steps, self.entropy_max,
                                                 self.entropy_schedule)
-        policy.update(indices, value, penalty, active=ops.logical_not(warm))
+        policy.update(indices, value, penalty, active=ops.logical_not(ops.logical_or(warm, frozen)))
         expected = self.costs.expected_cost(policy.probabilities(), model.decision_names)
         logs = dict(logs)
         logs.update({"reward": value, "quality": quality, "cost_ratio": cost / self.target,
-                     "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy())})
+                     "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy()),
+                     "searching": ops.cast(ops.logical_not(frozen), "float32")})
         return logs
 
     def _protected_variables(self, model) -> list:
@@ -247,7 +267,7 @@ class FliqsSearch(keras.callbacks.Callback):
         # The step is counted here, not read from the optimizer: a read would stall every step.
         if self.record_every and self._epoch_start + batch + 1 - self.history[-1]["step"] >= self.record_every:
             self._record()
-        if logs and "reward" in logs and not math.isfinite(float(logs["reward"])):
+        if logs and "reward" in logs and float(logs.get("searching", 1.0)) and not math.isfinite(float(logs["reward"])):
             logging.warning("FliqsSearch: non-finite reward at batch %d (loss %s): the policy update was "
                             "skipped; the policy and the training state are kept.", batch, logs.get("loss"))
 

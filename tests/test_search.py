@@ -202,3 +202,27 @@ def test_history_records_the_probabilities_every_few_steps_and_the_figure_draws_
         plots.search_figure([], chosen, search.costs, tmp_path / "x.png")
     with pytest.raises(ValueError, match="record_every"):
         fliqs_keras.FliqsSearch(quality="loss", record_every=-1)
+
+
+def test_freeze_at_trains_the_argmax_formats_alone_for_the_rest_of_the_run(digits):
+    seen = []
+
+    class Formats(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            layers = fliqs_keras.searchable_layers(self.model)
+            seen.append(({w.name: w.current_formats()[w.name].name for w in layers}, logs["searching"]))
+
+    model, search, history = _search(digits, epochs=2, freeze_at=0.5, record_every=1, callbacks=[Formats()])
+    total, frozen_from = 48, 24  # 2 x 1536 / 64 steps
+    # The policy learns from the end of the warm-up (12 steps) to the freeze, and never after.
+    assert int(model.controller.updates.numpy()) == frozen_from - total // 4
+    probabilities = [r["probabilities"] for r in search.history if r["step"] >= frozen_from]
+    assert len(probabilities) == total - frozen_from + 1 and all(p == probabilities[0] for p in probabilities)
+    chosen = fliqs_keras.policy(model)
+    assert [s for _, s in seen] == [1.0] * frozen_from + [0.0] * (total - frozen_from)
+    assert all(formats == chosen for formats, _ in seen[frozen_from:])
+    assert len({tuple(sorted(f.items())) for f, _ in seen[:frozen_from]}) > 1  # sampled while searching
+    assert np.isnan(history.history["quality"][-1]) and np.isfinite(history.history["quality"][0])
+    for bad in (0.25, 0.1, 1.5):
+        with pytest.raises(ValueError, match="freeze_at"):
+            fliqs_keras.FliqsSearch(quality="loss", warmup=0.25, freeze_at=bad)
