@@ -22,8 +22,9 @@ With ``freeze_at < 1`` the search ends early: from that fraction of the steps
 on, every step trains the argmax formats and the policy no longer learns, so
 the chosen formats get the rest of the run to themselves (still one run, no
 retraining). The entropy penalty then reaches its maximum at the freeze step.
-The held-out pass is skipped from then on: ``quality`` and ``reward`` log as
-NaN (not measured) and ``searching`` as 0.
+The logs' ``searching`` turns 0 there; with the held-out accuracy as the
+quality its pass is skipped from then on, and ``quality`` and ``reward`` log
+as NaN (not measured).
 
 A step whose training loss is not finite is undone (weights and optimizer
 state restored, on one replica) and gives the policy no update.
