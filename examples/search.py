@@ -193,6 +193,7 @@ def main(argv):
         "uniform_int8_cost": costs.uniform("int8"), "weight_bytes": cost.size_bits(searchable) / 8,
         "test_accuracy": float(metrics["accuracy"]), "policy": chosen, "epochs": FLAGS.epochs,
         "replicas": strategy.num_replicas_in_sync,
+        "unsettled_decisions_nats": search.unsettled,
     }
     export.save_policy(searchable, output / "policy.json")
     searchable.save(output / "searched.keras")

@@ -33,7 +33,9 @@ No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 (every replica draws the same formats) and TPUs work. The reward, cost ratio,
 expected cost ratio and mean policy entropy appear in the Keras logs. At the
 end the argmax policy is frozen into the layers: the model then evaluates in
-the chosen formats with the trained weights, no retraining.
+the chosen formats with the trained weights, no retraining. A policy that
+has not settled and whose argmax misses the target by more than 10% is
+reported in a warning (and in `unsettled` and `final_cost_ratio`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ from fliqs_keras.cost import CostModel
 from fliqs_keras.search_model import SearchModel, decisions, policy
 
 QUALITIES = ("accuracy", "loss")
+# A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
+SETTLED_NATS = 0.1
+# How far the argmax policy's cost may land from the target before the end of the search says so.
+COST_TOLERANCE = 0.1
 
 
 def _held_out_arrays(validation_data: Any, limit: int):
@@ -148,6 +154,10 @@ class FliqsSearch(keras.callbacks.Callback):
         self.record_every = int(record_every)
         self.history: list[dict[str, Any]] = []
         """Per record: the epoch, the step and ``{decision: {format: probability}}``."""
+        self.final_cost_ratio: float | None = None
+        """After `fit`: the cost of the chosen formats over the target."""
+        self.unsettled: dict[str, float] = {}
+        """After `fit`: the decisions whose policy kept more than `SETTLED_NATS` of entropy."""
         self._writer = None
 
     # --- set-up -----------------------------------------------------------------------
@@ -219,7 +229,8 @@ class FliqsSearch(keras.callbacks.Callback):
         policy = model.controller
         step = model.optimizer.iterations
         warm = step < self.warmup_steps
-        frozen = step >= self.search_steps
+        # Only an asked-for freeze: a later `fit` on the same model counts its steps on from the first's.
+        frozen = step >= self.search_steps if self.freeze_at < 1 else ops.zeros((), "bool")
         indices = ops.where(frozen, policy.argmax(), policy.sample(step, uniform=warm))
         model.assign_choices(indices)
         tracker = model._loss_tracker
@@ -308,6 +319,18 @@ class FliqsSearch(keras.callbacks.Callback):
         model.make_train_function(force=True)
         chosen = policy(model)
         final = self.costs.cost(chosen)
+        self.final_cost_ratio = final / self.target
+        entropy = keras.ops.convert_to_numpy(model.controller.entropy())
+        self.unsettled = {name: float(h) for name, h in zip(model.decision_names, entropy) if h > SETTLED_NATS}
         logging.info("FliqsSearch: final policy %s, cost %.4g (%.3f of the target)", chosen, final,
-                     final / self.target)
+                     self.final_cost_ratio)
+        off_target = (self.final_cost_ratio > 1 + COST_TOLERANCE
+                      or self.reward_kind == "absolute" and self.final_cost_ratio < 1 - COST_TOLERANCE)
+        if self.unsettled and off_target:
+            worst = max(self.unsettled, key=self.unsettled.get)
+            logging.warning(
+                "FliqsSearch: the policy has not settled (%d decisions keep over %.2f nats of entropy, %r "
+                "%.2f) and its argmax costs %.3f of the target. Train longer, raise the policy's "
+                "learning_rate, shorten the warmup or end the search earlier with freeze_at.",
+                len(self.unsettled), SETTLED_NATS, worst, self.unsettled[worst], self.final_cost_ratio)
 

@@ -1,6 +1,7 @@
 """The example scripts run end to end on the offline data."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -49,6 +50,7 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     assert results["target_cost"] == results["uniform_int8_cost"] * 0.5
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["replicas"] == 1
     assert "tflite_verified" in results
+    assert all(0 < h <= math.log(3) + 1e-6 for h in results["unsettled_decisions_nats"].values())
     # The per-layer table and the cost/accuracy table are printed.
     assert "stage2_block1_2_conv" in result.stdout and "searched policy" in result.stdout
 

@@ -1,6 +1,7 @@
 """The one-shot search through model.fit: determinism, resumption, distribution, bad input."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -65,9 +66,15 @@ def test_search_logs_learns_and_freezes_the_argmax_policy(digits, tmp_path):
     json.dumps(chosen)
 
 
-def test_warmup_keeps_the_policy_uniform(digits):
-    model, _, _ = _search(digits, epochs=1, warmup=0.99)
+def test_warmup_keeps_the_policy_uniform_and_the_end_reports_an_unsettled_policy(digits, caplog):
+    with caplog.at_level(logging.WARNING):
+        model, search, _ = _search(digits, epochs=1, warmup=0.99)
     np.testing.assert_array_equal(model.controller.logits.numpy(), 0.0)
+    # A uniform policy's argmax is every layer's first choice, int2: a quarter of the INT4 target.
+    assert search.final_cost_ratio == pytest.approx(0.25)
+    assert search.unsettled == {name: pytest.approx(np.log(3)) for name in ("conv1", "conv2", "logits")}
+    warning = [r.getMessage() for r in caplog.records if "has not settled" in r.getMessage()]
+    assert len(warning) == 1 and "0.250 of the target" in warning[0] and "freeze_at" in warning[0]
 
 
 def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
@@ -180,6 +187,7 @@ def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
     model.fit(x_train[held:], y_train[held:], epochs=8, batch_size=64, verbose=0, callbacks=[search])
     assert abs(cost.bops(model) / cost.bops(model, "int4") - 1) <= 0.10
     assert float(np.max(model.controller.entropy().numpy())) < 0.1
+    assert search.unsettled == {} and abs(search.final_cost_ratio - 1) <= 0.10
     assert model.evaluate(x_test, y_test, verbose=0)[1] > 0.9
 
 
