@@ -246,10 +246,12 @@ class FliqsSearch(keras.callbacks.Callback):
             variable.assign(ops.where(finite_loss, variable, value))
         if self.quality == "loss":
             quality = -batch_loss
-        else:
+        elif self.freeze_at < 1:
             # Once frozen, the held-out pass would only feed the logs: skip it.
             quality = ops.cond(frozen, lambda: ops.convert_to_tensor(float("nan")),
                                lambda: self._quality(model, step))
+        else:
+            quality = self._quality(model, step)
         cost = self.costs.graph_cost(indices, model.decision_names)
         value = ops.where(finite_loss,
                           controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind),
