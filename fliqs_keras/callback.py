@@ -34,8 +34,9 @@ No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 expected cost ratio and mean policy entropy appear in the Keras logs. At the
 end the argmax policy is frozen into the layers: the model then evaluates in
 the chosen formats with the trained weights, no retraining. A policy that
-has not settled and whose argmax misses the target by more than 10% is
-reported in a warning (and in `unsettled` and `final_cost_ratio`).
+ends more than 10% off the target is reported in a warning: one that names
+the unsettled decisions, or, for a settled policy, one that says the reward
+traded cost for quality (and in `unsettled` and `final_cost_ratio`).
 """
 
 from __future__ import annotations
@@ -328,11 +329,16 @@ class FliqsSearch(keras.callbacks.Callback):
                      self.final_cost_ratio)
         off_target = (self.final_cost_ratio > 1 + COST_TOLERANCE
                       or self.reward_kind == "absolute" and self.final_cost_ratio < 1 - COST_TOLERANCE)
-        if self.unsettled and off_target:
+        if off_target and self.unsettled:
             worst = max(self.unsettled, key=self.unsettled.get)
             logging.warning(
                 "FliqsSearch: the policy has not settled (%d decisions keep over %.2f nats of entropy, %r "
                 "%.2f) and its argmax costs %.3f of the target. Train longer, raise the policy's "
                 "learning_rate, shorten the warmup or end the search earlier with freeze_at.",
                 len(self.unsettled), SETTLED_NATS, worst, self.unsettled[worst], self.final_cost_ratio)
+        elif off_target:
+            logging.warning(
+                "FliqsSearch: the policy settled on formats that cost %.3f of the target: the reward traded "
+                "cost for quality (beta=%g against quality=%r). Raise beta to hold the target more tightly.",
+                self.final_cost_ratio, self.beta, self.quality)
 

@@ -77,6 +77,19 @@ def test_warmup_keeps_the_policy_uniform_and_the_end_reports_an_unsettled_policy
     assert len(warning) == 1 and "0.250 of the target" in warning[0] and "freeze_at" in warning[0]
 
 
+def test_the_end_reports_a_settled_policy_off_the_target(digits, caplog):
+    (x, y), held_out, _ = digits
+    model = _searchable()
+    model.controller.logits.assign(np.tile([0.0, 0.0, 20.0], (3, 1)).astype("float32"))  # settled on int8
+    search = fliqs_keras.FliqsSearch(target="int4", validation_data=held_out, warmup=0.9)
+    with caplog.at_level(logging.WARNING):
+        model.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0, callbacks=[search])
+    assert search.unsettled == {} and search.final_cost_ratio == pytest.approx(4.0)
+    warning = [r.getMessage() for r in caplog.records if "FliqsSearch: the policy" in r.getMessage()]
+    assert len(warning) == 1 and "settled on formats that cost 4.000 of the target" in warning[0]
+    assert "Raise beta" in warning[0]
+
+
 def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
     first, _, _ = _search(digits, seed=3)
     again, _, _ = _search(digits, seed=3)
