@@ -282,7 +282,8 @@ class FliqsSearch(keras.callbacks.Callback):
         # The step is counted here, not read from the optimizer: a read would stall every step.
         if self.record_every and self._epoch_start + batch + 1 - self.history[-1]["step"] >= self.record_every:
             self._record()
-        if logs and "reward" in logs and float(logs.get("searching", 1.0)) and not math.isfinite(float(logs["reward"])):
+        if (logs and "reward" in logs and not math.isfinite(float(logs["reward"]))
+                and float(logs.get("searching", 1.0))):
             logging.warning("FliqsSearch: non-finite reward at batch %d (loss %s): the policy update was "
                             "skipped; the policy and the training state are kept.", batch, logs.get("loss"))
 
