@@ -265,23 +265,30 @@ class CostModel:
         return weights, activations, bits, table
 
     def graph_cost(self, indices, decision_order: list[str]):
-        """The cost of sampled choice `indices` ([decisions] int, in `decision_order`), in graph ops."""
+        """The cost of choice `indices` ([..., decisions] int, in `decision_order`), in graph ops.
+
+        Leading dimensions are a batch of policies: one step's sample in the
+        search step, every neighbour of a policy in `budget`.
+        """
         weights, activations, bits, table = self._layer_tables(decision_order)
         # Float layers point at an extra row of 32-bit "choices", selected by index 0.
         w_rows = np.where(weights < 0, len(decision_order), weights)
         a_rows = np.where(activations < 0, len(decision_order), activations)
-        padded = ops.concatenate([ops.cast(indices, "int32"), ops.zeros((1,), "int32")])
-        w_index, a_index = ops.take(padded, w_rows), ops.take(padded, a_rows)
-        bits = ops.convert_to_tensor(bits)
-        w_bits = ops.take_along_axis(ops.take(bits, w_rows, axis=0), w_index[:, None], axis=1)[:, 0]
-        a_bits = ops.take_along_axis(ops.take(bits, a_rows, axis=0), a_index[:, None], axis=1)[:, 0]
+        indices = ops.cast(indices, "int32")
+        padded = ops.concatenate([indices, ops.zeros_like(indices[..., :1])], axis=-1)
+        width = bits.shape[1]
+        w_pick = ops.one_hot(ops.take(padded, w_rows, axis=-1), width)  # [..., layers, width]
+        a_pick = ops.one_hot(ops.take(padded, a_rows, axis=-1), width)
+        w_bits = ops.sum(w_pick * bits[w_rows], axis=-1)
+        a_bits = ops.sum(a_pick * bits[a_rows], axis=-1)
         if self.metric == "bops":
             macs = np.array([e.macs for e in self.layers], np.float32)
             fixed = float(sum(e.fixed_bops for e in self.layers))
-            return ops.sum(macs * w_bits * a_bits) + fixed
+            return ops.sum(macs * w_bits * a_bits, axis=-1) + fixed
         if self.metric == "size":
-            return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits)
-        return ops.sum(ops.take_along_axis(ops.convert_to_tensor(table), w_index[:, None], axis=1))
+            return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits, axis=-1)
+        # A choice the table lacks stays NaN: no silent zero cost.
+        return ops.sum(ops.where(w_pick > 0, table, 0.0), axis=(-2, -1))
 
     def expected_cost(self, probabilities, decision_order: list[str]):
         """The cost expected under a policy ([decisions, max choices] probabilities)."""

@@ -135,3 +135,25 @@ def test_bad_models_and_metrics():
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="has no searchable layers"):
         cost.bops(plain)
+
+
+@pytest.mark.parametrize("metric", ["bops", "size", "table"])
+def test_graph_cost_of_a_batch_of_policies_matches_the_cost_of_each(metric):
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.Conv2D(3, 1, name="mix")(x)
+    outputs = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(x))
+    space = fliqs_keras.SearchSpace({"*": ["int2", "int4", "int8"], "mix": {"weights": ["int4", "e4m3"],
+                                                                             "activations": "int8"},
+                                     "fc": None}, separate_activations=True)
+    searchable = fliqs_keras.apply(keras.Model(inputs, outputs), space)
+    table = {"conv": {"int2": 1.0, "int4": 2.0, "int8": 3.5}, "mix": {"int4": 0.25, "e4m3": 0.75},
+             "fc": {"fp32": 9.0}}
+    model = cost.CostModel(searchable, metric, table=table if metric == "table" else None)
+    names = list(model.decisions)
+    grid = np.array(list(np.ndindex(*[len(model.decisions[n]) for n in names])))
+    batch = keras.ops.convert_to_numpy(model.graph_cost(grid, names))
+    expected = [model.cost({n: model.decisions[n][i] for n, i in zip(names, row)}) for row in grid]
+    assert batch.shape == (len(grid),)
+    np.testing.assert_allclose(batch, expected, rtol=1e-6)
+    assert float(model.graph_cost(grid[-1], names)) == pytest.approx(expected[-1])
