@@ -2,8 +2,9 @@
 
 The controller knows nothing of Keras layers: it sees decisions (each with a
 number of choices), a reward per step, and the step number. Its state lives
-in Keras variables (logits, the reward baseline, Adam's moments), so that it
-is saved with the model and restored by `BackupAndRestore`.
+in Keras variables (logits, the reward baseline, Adam's moments, the formats
+kept in place of the argmax), so that it is saved with the model and restored
+by `BackupAndRestore`.
 
 * Policy: an independent softmax per decision over its valid choices; the
   logits start equal (uniform).
@@ -17,6 +18,8 @@ is saved with the model and restored by `BackupAndRestore`.
   `w_H` follows a schedule that is zero until the warm-up ends and grows to its
   maximum at the end of training, so that the policy settles on one choice.
   A non-finite reward skips the update and leaves every state untouched.
+* Decision: the argmax, unless `choose` kept other formats (the most probable
+  policy within a cost limit, `budget`).
 """
 
 from __future__ import annotations
@@ -122,12 +125,19 @@ class Controller(keras.layers.Layer):
         self.updates = self._state("updates", (), "int32")
         self.skipped = self._state("skipped_updates", (), "int32")
         self.baseline = self._state("baseline", ())
+        # The formats kept in place of the argmax (a budget's choice, `decision`); -1: none.
+        self.chosen = self._state("chosen", (len(num_choices),), "int32", initializer=keras.initializers.Constant(-1))
         self.built = True
 
-    def _state(self, name, shape, dtype="float32"):
+    def _state(self, name, shape, dtype="float32", initializer="zeros"):
         # Every replica computes the same update from the same reward: keep the first's.
-        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer="zeros", trainable=False,
+        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False,
                                aggregation="only_first_replica")
+
+    @property
+    def valid(self) -> np.ndarray:
+        """[decisions, max choices] bool: false beyond a decision's choices."""
+        return self._valid.copy()
 
     # --- the policy -----------------------------------------------------------------
 
@@ -143,8 +153,28 @@ class Controller(keras.layers.Layer):
         p = self.probabilities()
         return -ops.sum(ops.where(p > 0, p * ops.log(ops.maximum(p, 1e-30)), 0.0), axis=-1)
 
+    def log_probabilities(self):
+        """[decisions, max choices] log-probabilities (very negative beyond a decision's choices)."""
+        return ops.log_softmax(self._masked(self.logits), axis=-1)
+
     def argmax(self):
         return ops.cast(ops.argmax(self._masked(self.logits), axis=-1), "int32")
+
+    def decision(self):
+        """The chosen formats: the `chosen` ones once set (`choose`), else the argmax, int32 [decisions]."""
+        return ops.where(self.chosen >= 0, self.chosen, self.argmax())
+
+    def choose(self, indices=None):
+        """Keeps `indices` ([decisions]) as the decision in place of the argmax; None clears it."""
+        if indices is None:
+            self.chosen.assign(ops.full((len(self.num_choices),), -1, "int32"))
+            return
+        indices = np.asarray(indices, np.int32)
+        if (indices.shape != (len(self.num_choices),)
+                or not all(0 <= i < n for i, n in zip(indices.tolist(), self.num_choices))):
+            raise ValueError(f"choose() needs one valid choice index per decision (choices {self.num_choices}), "
+                             f"got {indices.tolist()}.")
+        self.chosen.assign(indices)
 
     def sample(self, step, uniform=False):
         """One choice per decision for `step` (int32 [decisions]); `uniform` ignores the policy."""
@@ -154,7 +184,7 @@ class Controller(keras.layers.Layer):
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
 
     def log_probability(self, indices):
-        log_p = ops.log_softmax(self._masked(self.logits), axis=-1)
+        log_p = self.log_probabilities()
         return ops.sum(ops.take_along_axis(log_p, ops.expand_dims(indices, -1), axis=-1))
 
     # --- learning -------------------------------------------------------------------

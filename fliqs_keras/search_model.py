@@ -78,9 +78,10 @@ class SearchModel(keras.Model):
 
 
 def policy(model: Any) -> dict[str, str]:
-    """The format the policy chooses for each decision (its argmax), JSON-serialisable."""
+    """The format the policy chooses for each decision, JSON-serialisable: its argmax, or the
+    formats a cost limit kept in its place (`FliqsSearch(max_cost_ratio=...)`)."""
     if not isinstance(model, SearchModel):
         raise ValueError(f"policy() needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
     choices = decisions(model)
-    chosen = keras.ops.convert_to_numpy(model.controller.argmax())
+    chosen = keras.ops.convert_to_numpy(model.controller.decision())
     return {name: choices[name][int(index)].name for name, index in zip(model.decision_names, chosen)}
