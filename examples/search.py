@@ -55,6 +55,8 @@ flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05
 flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
 flags.DEFINE_float("freeze_at", 1.0, "Fraction of the steps after which the chosen formats are fixed and "
                    "trained alone (1.0: search to the end).")
+flags.DEFINE_float("max_cost_ratio", None, "If set, the kept formats cost at most this times the target: the "
+                   "most probable policy within it when the argmax costs more (default: the argmax).")
 flags.DEFINE_integer("epochs", 8, "Training epochs.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the weights.")
@@ -174,7 +176,7 @@ def main(argv):
     search = fliqs_keras.FliqsSearch(
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
         learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
-        freeze_at=FLAGS.freeze_at, seed=FLAGS.seed,
+        freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, seed=FLAGS.seed,
         cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
     callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
     if isinstance(train, tuple):
@@ -194,6 +196,8 @@ def main(argv):
         "test_accuracy": float(metrics["accuracy"]), "policy": chosen, "epochs": FLAGS.epochs,
         "replicas": strategy.num_replicas_in_sync,
         "unsettled_decisions_nats": search.unsettled,
+        "formats_changed_by_budget": {name: {"argmax": a, "kept": k}
+                                      for name, (a, k) in search.budget_changes.items()},
     }
     export.save_policy(searchable, output / "policy.json")
     searchable.save(output / "searched.keras")

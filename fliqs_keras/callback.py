@@ -26,14 +26,22 @@ The logs' ``searching`` turns 0 there; with the held-out accuracy as the
 quality its pass is skipped from then on, and ``quality`` and ``reward`` log
 as NaN (not measured).
 
+With ``max_cost_ratio`` set, the formats frozen (at `freeze_at`, else at the
+end) are not the argmax but the most probable policy found within that
+multiple of the target (`budget`): the argmax of a policy that has not
+settled can cost far more than the expected cost the reward steered. The
+controller keeps them (`Controller.choose`), so `policy`, the policy file and
+the export agree with what the model trained and evaluates in.
+
 A step whose training loss is not finite is undone (weights and optimizer
 state restored, on one replica) and gives the policy no update.
 
 No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 (every replica draws the same formats) and TPUs work. The reward, cost ratio,
 expected cost ratio and mean policy entropy appear in the Keras logs. At the
-end the argmax policy is frozen into the layers: the model then evaluates in
-the chosen formats with the trained weights, no retraining. A policy that
+end the chosen formats (the argmax, or the budget's) are frozen into the
+layers: the model then evaluates in them with the trained weights, no
+retraining. A policy that
 ends more than 10% off the target is reported in a warning: one that names
 the unsettled decisions, or, for a settled policy, one that says the reward
 traded cost for quality (and in `unsettled` and `final_cost_ratio`).
@@ -49,6 +57,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
+from fliqs_keras import budget
 from fliqs_keras import controller as controller_lib
 from fliqs_keras.cost import CostModel
 from fliqs_keras.search_model import SearchModel, decisions, policy
@@ -108,6 +117,13 @@ class FliqsSearch(keras.callbacks.Callback):
             formats are fixed and the remaining steps train them alone
             (1.0, the default: search to the end, as FLIQS does). Must be
             above `warmup`.
+        max_cost_ratio: if set, the formats kept at the freeze (or at the end)
+            cost at most this times the target: the argmax when it does, else
+            the most probable policy `budget` finds within it. None (the
+            default): the argmax, as FLIQS. With ``steps_per_execution=k``
+            and a freeze, the budget's formats take over at the first
+            execution that starts at or after the freeze step (up to k - 1
+            steps train the argmax first).
         entropy_weight: the maximum of the entropy penalty; `entropy_schedule`
             is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
         learning_rate, baseline_momentum: of the controller (Adam, EMA).
@@ -123,7 +139,7 @@ class FliqsSearch(keras.callbacks.Callback):
     def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
                  reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
-                 freeze_at: float = 1.0,
+                 freeze_at: float = 1.0, max_cost_ratio: float | None = None,
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
                  learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
                  total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
@@ -138,6 +154,8 @@ class FliqsSearch(keras.callbacks.Callback):
             raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
         if not warmup < freeze_at <= 1:
             raise ValueError(f"freeze_at must be a fraction in (warmup, 1], here ({warmup}, 1], got {freeze_at}.")
+        if max_cost_ratio is not None and not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
+            raise ValueError(f"max_cost_ratio must be a number > 0 or None, got {max_cost_ratio}.")
         controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
         controller_lib.entropy_weight(0, 2, 0, entropy_weight, entropy_schedule)
         if entropy_weight < 0:
@@ -148,6 +166,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
         self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
         self.freeze_at = float(freeze_at)
+        self.max_cost_ratio = None if max_cost_ratio is None else float(max_cost_ratio)
         self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}.")
@@ -159,6 +178,8 @@ class FliqsSearch(keras.callbacks.Callback):
         """After `fit`: the cost of the chosen formats over the target."""
         self.unsettled: dict[str, float] = {}
         """After `fit`: the decisions whose policy kept more than `SETTLED_NATS` of entropy."""
+        self.budget_changes: dict[str, tuple[str, str]] = {}
+        """With `max_cost_ratio`: ``{decision: (argmax format, kept format)}`` where they differ."""
         self._writer = None
 
     # --- set-up -----------------------------------------------------------------------
@@ -171,6 +192,12 @@ class FliqsSearch(keras.callbacks.Callback):
         super().set_model(model)
         self.costs = CostModel(model, self.cost_metric, self.cost_table)
         self.target = self.costs.target(self.target_spec)
+        if self.max_cost_ratio is not None:
+            cheapest = self.costs.bounds()[0]
+            if self.max_cost_ratio * self.target < cheapest:
+                raise ValueError(
+                    f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.max_cost_ratio * self.target:.6g} "
+                    f"({self.cost_metric}), below the cheapest policy of the search space ({cheapest:.6g}).")
         policy = model.controller
         policy.learning_rate, policy.baseline_momentum, policy.seed = (
             float(self.learning_rate), float(self.baseline_momentum), self.seed)
@@ -203,6 +230,8 @@ class FliqsSearch(keras.callbacks.Callback):
         self.total_steps = int(total)
         self.search_steps = max(min(math.ceil(self.freeze_at * self.total_steps), self.total_steps), 1)
         self.warmup_steps = min(int(self.warmup * self.total_steps), self.search_steps - 1)
+        self.model.controller.choose(None)
+        self._kept = False
         self.model.search_step = self._search_step
         self.model.make_train_function(force=True)
         if self.log_dir:
@@ -232,7 +261,7 @@ class FliqsSearch(keras.callbacks.Callback):
         warm = step < self.warmup_steps
         # Only an asked-for freeze: a later `fit` on the same model counts its steps on from the first's.
         frozen = step >= self.search_steps if self.freeze_at < 1 else ops.zeros((), "bool")
-        indices = ops.where(frozen, policy.argmax(), policy.sample(step, uniform=warm))
+        indices = ops.where(frozen, policy.decision(), policy.sample(step, uniform=warm))
         model.assign_choices(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
@@ -278,6 +307,31 @@ class FliqsSearch(keras.callbacks.Callback):
 
     # --- reporting and the end ---------------------------------------------------------------
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.max_cost_ratio is not None and self.freeze_at < 1 and not self._kept
+                and self._epoch_start + batch >= self.search_steps):
+            self._keep_within_budget()
+
+    def _keep_within_budget(self):
+        """Makes the controller keep the most probable policy within `max_cost_ratio` of the target."""
+        model, controller = self.model, self.model.controller
+        names, choices = model.decision_names, decisions(model)
+        argmax = keras.ops.convert_to_numpy(controller.argmax())
+        kept = budget.most_probable_within(
+            keras.ops.convert_to_numpy(controller.log_probabilities()), controller.valid,
+            lambda batch: keras.ops.convert_to_numpy(self.costs.graph_cost(batch, names)),
+            self.max_cost_ratio * self.target)
+        controller.choose(kept)
+        self._kept = True
+        self.budget_changes = {n: (choices[n][a].name, choices[n][k].name)
+                               for n, a, k in zip(names, argmax, kept) if a != k}
+        if self.budget_changes:
+            argmax_cost = float(keras.ops.convert_to_numpy(self.costs.graph_cost(argmax, names)))
+            logging.info("FliqsSearch: the argmax policy costs %.3f of the target, over max_cost_ratio=%g; kept "
+                         "the most probable policy found within it instead, which changes %s.",
+                         argmax_cost / self.target, self.max_cost_ratio,
+                         ", ".join(f"{n}: {a} -> {k}" for n, (a, k) in self.budget_changes.items()))
+
     def on_train_batch_end(self, batch, logs=None):
         # The step is counted here, not read from the optimizer: a read would stall every step.
         if self.record_every and self._epoch_start + batch + 1 - self.history[-1]["step"] >= self.record_every:
@@ -319,7 +373,9 @@ class FliqsSearch(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         model = self.model
         model.search_step = None
-        model.assign_choices(model.controller.argmax())
+        if self.max_cost_ratio is not None and not self._kept:
+            self._keep_within_budget()
+        model.assign_choices(model.controller.decision())
         model.make_train_function(force=True)
         chosen = policy(model)
         final = self.costs.cost(chosen)
@@ -334,7 +390,7 @@ class FliqsSearch(keras.callbacks.Callback):
             worst = max(self.unsettled, key=self.unsettled.get)
             logging.warning(
                 "FliqsSearch: the policy has not settled (%d decisions keep over %.2f nats of entropy, %r "
-                "%.2f) and its argmax costs %.3f of the target. Train longer, raise the policy's "
+                "%.2f) and the formats kept cost %.3f of the target. Train longer, raise the policy's "
                 "learning_rate, shorten the warmup or end the search earlier with freeze_at.",
                 len(self.unsettled), SETTLED_NATS, worst, self.unsettled[worst], self.final_cost_ratio)
         elif off_target:

@@ -46,13 +46,19 @@ def main(output_dir):
         per_replica = strategy.experimental_local_results(draws(tf.constant(step, tf.int64)))
         identical &= all(np.array_equal(per_replica[0].numpy(), r.numpy()) for r in per_replica[1:])
         steps += 1
+    # A budget's formats, kept under the strategy: assigned from the callback, read by every replica's step.
+    budgeted = fliqs_keras.FliqsSearch(target="int4", quality="loss", freeze_at=0.75, max_cost_ratio=0.5)
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[budgeted])
+    kept = fliqs_keras.policy(model)
     report = {
         "replicas": strategy.num_replicas_in_sync,
         "steps": steps,
         "identical": bool(identical),
         "loss_finite": bool(np.isfinite(history.history["loss"]).all()),
         "updates": int(model.controller.updates.numpy()),
-        "policy": fliqs_keras.policy(model),
+        "kept_cost_ratio": budgeted.final_cost_ratio,
+        "kept_in_layers": {w.name: w.current_formats()[w.name].name
+                           for w in fliqs_keras.searchable_layers(model)} == kept,
     }
     pathlib.Path(output_dir, "mirrored.json").write_text(json.dumps(report))
 

@@ -90,6 +90,38 @@ def test_the_end_reports_a_settled_policy_off_the_target(digits, caplog):
     assert "Raise beta" in warning[0]
 
 
+def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits, tmp_path, caplog):
+    (x, y), _, _ = digits
+    seen = []
+
+    class Formats(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append({w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(self.model)})
+
+    model = _searchable()
+    # Settled on INT8 everywhere (4x the INT4 target); conv2 is the least sure of it.
+    model.controller.logits.assign(np.array([[0.0, 3.0, 6.0], [0.0, 2.0, 3.0], [0.0, 1.0, 6.0]], np.float32))
+    search = fliqs_keras.FliqsSearch(target="int4", quality="loss", warmup=0.5, freeze_at=0.75,
+                                     max_cost_ratio=1.0, entropy_weight=0.0, learning_rate=1e-6)
+    with caplog.at_level(logging.INFO):
+        model.fit(x[:512], y[:512], epochs=1, batch_size=64, verbose=0, callbacks=[search, Formats()])
+    chosen = fliqs_keras.policy(model)
+    costs = cost.CostModel(model)
+    assert costs.cost(chosen) <= costs.target("int4") and search.final_cost_ratio <= 1.0
+    assert chosen != {"conv1": "int8", "conv2": "int8", "logits": "int8"}
+    assert search.budget_changes == {n: ("int8", f) for n, f in chosen.items() if f != "int8"}
+    assert seen[6:] == [chosen, chosen]  # the kept formats train from the freeze (step 6 of 8) on
+    assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
+    assert any("kept the most probable policy found within it" in r.getMessage() for r in caplog.records)
+    model.save(tmp_path / "kept.keras")
+    assert fliqs_keras.policy(keras.models.load_model(tmp_path / "kept.keras")) == chosen
+    with pytest.raises(ValueError, match="max_cost_ratio must be a number > 0"):
+        fliqs_keras.FliqsSearch(quality="loss", max_cost_ratio=0.0)
+    with pytest.raises(ValueError, match=r"max_cost_ratio=0.1 allows at most .* below the cheapest policy"):
+        model.fit(x[:64], y[:64], epochs=1, verbose=0,
+                  callbacks=[fliqs_keras.FliqsSearch(quality="loss", max_cost_ratio=0.1)])
+
+
 def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
     first, _, _ = _search(digits, seed=3)
     again, _, _ = _search(digits, seed=3)
@@ -180,6 +212,7 @@ def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
     assert report["replicas"] == 2
     assert report["steps"] > 0 and report["identical"], report
     assert report["loss_finite"] and report["updates"] > 0, report
+    assert report["kept_cost_ratio"] <= 0.5 and report["kept_in_layers"], report
 
 
 def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
