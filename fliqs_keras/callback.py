@@ -391,7 +391,8 @@ class FliqsSearch(keras.callbacks.Callback):
             logging.warning(
                 "FliqsSearch: the policy has not settled (%d decisions keep over %.2f nats of entropy, %r "
                 "%.2f) and the formats kept cost %.3f of the target. Train longer, raise the policy's "
-                "learning_rate, shorten the warmup or end the search earlier with freeze_at.",
+                "learning_rate, shorten the warmup or end the search earlier with freeze_at; "
+                "max_cost_ratio=1 keeps formats within the target.",
                 len(self.unsettled), SETTLED_NATS, worst, self.unsettled[worst], self.final_cost_ratio)
         elif off_target:
             logging.warning(
