@@ -103,7 +103,8 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     model.controller.logits.assign(np.array([[0.0, 3.0, 6.0], [0.0, 2.0, 3.0], [0.0, 1.0, 6.0]], np.float32))
     search = fliqs_keras.FliqsSearch(target="int4", quality="loss", warmup=0.5, freeze_at=0.75,
                                      max_cost_ratio=1.0, entropy_weight=0.0, learning_rate=1e-6)
-    with caplog.at_level(logging.INFO):
+    # absl's own logger level, not only the root's: other tests may have parsed absl's flags.
+    with caplog.at_level(logging.INFO, logger="absl"):
         model.fit(x[:512], y[:512], epochs=1, batch_size=64, verbose=0, callbacks=[search, Formats()])
     chosen = fliqs_keras.policy(model)
     costs = cost.CostModel(model)
