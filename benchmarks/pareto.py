@@ -17,7 +17,10 @@ them. Per seed:
   rate 0.1, the formats frozen at 75% of the steps), and the default and
   loss settings with the budget held (`fliqs-budget`, `fliqs-loss-budget`:
   at 75% of the steps the most probable policy within the target is kept,
-  ``max_cost_ratio=1``, and trained alone for the rest of the run);
+  ``max_cost_ratio=1``, and trained alone for the rest of the run); and, as a
+  control, the `fliqs-loss-budget` policies at the comparison budget trained
+  again from scratch with plain QAT (``... retrained``: the same policy
+  without the search's training; not a method, so not in the verdict);
 * at the comparison budget (below): a random policy at that BOPs (±5%), then
   the same QAT; the post-training search (per-layer sensitivity of the
   trained float model on the held-out slice, then the assignment of least
@@ -111,6 +114,8 @@ VARIANTS = {
     "fliqs-loss-budget": {"quality": "loss", "freeze_at": 0.75, "max_cost_ratio": 1.0},
 }
 INT2_ROOM = 1.1
+# The control: this variant's kept policies, trained again from scratch with plain QAT.
+RETRAINED = "fliqs-loss-budget"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 CALIBRATION_BATCHES = 8
@@ -191,6 +196,11 @@ def _train_policy(dataset, splits, seed, assignment):
     fliqs_keras.set_formats(searchable, assignment)
     accuracy = _train(searchable, splits, seed, _epochs(dataset))
     return accuracy, cost.bops(searchable)
+
+
+def run_retrained(dataset, splits, seed, assignment):
+    accuracy, bops = _train_policy(dataset, splits, seed, assignment)
+    return {"accuracy": accuracy, "policy": assignment, "bops": bops}
 
 
 def run_random(dataset, splits, seed, budget):
@@ -379,6 +389,16 @@ def benchmark(dataset: str) -> dict:
                 add(f"{variant} {space} @{target}",
                     runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset, splits, seed, space,
                              target, options))
+
+    def retrain(seed, into):
+        searched = runs.get(f"{RETRAINED}/{BASELINE_SPACE}/{budget_format}/{seed}")
+        if searched is not None:
+            add(f"{RETRAINED} retrained @{budget_format}",
+                runs.run(f"retrained/{RETRAINED}/{budget_format}/{seed}", run_retrained, dataset, splits, seed,
+                         searched["policy"]), into=into)
+
+    for seed in seeds:
+        retrain(seed, groups)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
     more = {g: list(rows) for g, rows in groups.items()}
@@ -398,6 +418,7 @@ def benchmark(dataset: str) -> dict:
                     add(f"{variant} {space} @{target}",
                         runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset, splits, seed, space,
                                  target, options), into=more)
+            retrain(seed, more)
     verdict_more = {}
     if more_seeds:
         verdict_more = {"seeds": seeds + more_seeds,
@@ -475,7 +496,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs int+fp": ("tab:purple", "o"), "fliqs-loss int": ("tab:pink", "D"),
          "fliqs-h256 int": ("tab:olive", "D"),
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
-         "fliqs-loss-budget int": ("darkblue", "P"), "random": ("tab:gray", "x"), "sensitivity": ("tab:green", "^"),
+         "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"), "random": ("tab:gray", "x"), "sensitivity": ("tab:green", "^"),
          "hgq2": ("tab:brown", "v")}
 
 
