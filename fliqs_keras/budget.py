@@ -85,5 +85,4 @@ def most_probable_within(log_probabilities: np.ndarray, valid: np.ndarray, cost_
         gain = np.where(costs <= limit, score(candidates) - score(current[None])[0], -np.inf)
         if not len(gain) or gain.max() <= 1e-12:
             return current.astype(np.int32)
-        best = int(np.argmax(gain))
-        current, cost = candidates[best], float(costs[best])
+        current = candidates[int(np.argmax(gain))]
