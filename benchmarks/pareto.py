@@ -355,11 +355,23 @@ def benchmark(dataset: str) -> dict:
         row.setdefault("bops", bops)
         into.setdefault(group, []).append(row)
 
+    # One run of each kind (from the resume file when it is there), added to the groups `into`.
+    def uniform(fmt, seed, into=groups):
+        add(f"uniform {fmt}", runs.run(f"uniform/{fmt}/{seed}", run_uniform, dataset, splits, seed, fmt),
+            uniform_bops[fmt], into=into)
+
+    def baseline(method, spec, seed, into=groups):
+        add(f"{method} @{spec}", runs.run(f"{method}/{spec}/{seed}", baselines[method], dataset, splits, seed,
+                                          costs.target(spec)), into=into)
+
+    def search(variant, space, options, target, seed, into=groups):
+        add(f"{variant} {space} @{target}", runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset,
+                                                     splits, seed, space, target, options), into=into)
+
     if "uniform" in FLAGS.methods:
         for fmt in UNIFORM:
             for seed in seeds:
-                add(f"uniform {fmt}", runs.run(f"uniform/{fmt}/{seed}", run_uniform, dataset, splits, seed, fmt),
-                    uniform_bops[fmt])
+                uniform(fmt, seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     budget_format, gaps = _comparison_budget(summaries)
     budget = costs.target(budget_format)
@@ -369,11 +381,10 @@ def benchmark(dataset: str) -> dict:
     # Baselines first, then the search spaces in order of interest: a cut-short run keeps what matters.
     baselines = {"random": run_random, "sensitivity": run_sensitivity, "hgq2": run_hgq2}
     for spec in budgets:
-        for method, function in baselines.items():
+        for method in baselines:
             if method in FLAGS.methods:
                 for seed in seeds:
-                    add(f"{method} @{spec}", runs.run(f"{method}/{spec}/{seed}", function, dataset, splits, seed,
-                                                      costs.target(spec)))
+                    baseline(method, spec, seed)
     if "fliqs" in FLAGS.methods:
         # The comparison budget first, then the curves: a cut-short run keeps what matters.
         searches = [("fliqs", space, {}, TARGETS[space]) for space in SPACES]
@@ -386,11 +397,9 @@ def benchmark(dataset: str) -> dict:
                  for target in targets if target != budget_format]
         for variant, space, options, target in work:
             for seed in seeds:
-                add(f"{variant} {space} @{target}",
-                    runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset, splits, seed, space,
-                             target, options))
+                search(variant, space, options, target, seed)
 
-    def retrain(seed, into):
+    def retrain(seed, into=groups):
         searched = runs.get(f"{RETRAINED}/{BASELINE_SPACE}/{budget_format}/{seed}")
         if searched is not None:
             add(f"{RETRAINED} retrained @{budget_format}",
@@ -398,7 +407,7 @@ def benchmark(dataset: str) -> dict:
                          searched["policy"]), into=into)
 
     for seed in seeds:
-        retrain(seed, groups)
+        retrain(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
     more = {g: list(rows) for g, rows in groups.items()}
@@ -406,18 +415,14 @@ def benchmark(dataset: str) -> dict:
     for seed in more_seeds:
         for fmt in dict.fromkeys((reference, "int8")):
             if "uniform" in FLAGS.methods:
-                add(f"uniform {fmt}", runs.run(f"uniform/{fmt}/{seed}", run_uniform, dataset, splits, seed, fmt),
-                    uniform_bops[fmt], into=more)
+                uniform(fmt, seed, more)
         for method in ("random", "sensitivity"):
             if method in FLAGS.methods:
-                add(f"{method} @{budget_format}", runs.run(f"{method}/{budget_format}/{seed}", baselines[method],
-                                                          dataset, splits, seed, budget), into=more)
+                baseline(method, budget_format, seed, more)
         if "fliqs" in FLAGS.methods:
             for variant, space, options, target in work:
                 if target == budget_format:
-                    add(f"{variant} {space} @{target}",
-                        runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset, splits, seed, space,
-                                 target, options), into=more)
+                    search(variant, space, options, target, seed, more)
             retrain(seed, more)
     verdict_more = {}
     if more_seeds:

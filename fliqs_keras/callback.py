@@ -41,10 +41,10 @@ No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 expected cost ratio and mean policy entropy appear in the Keras logs. At the
 end the chosen formats (the argmax, or the budget's) are frozen into the
 layers: the model then evaluates in them with the trained weights, no
-retraining. A policy that
-ends more than 10% off the target is reported in a warning: one that names
-the unsettled decisions, or, for a settled policy, one that says the reward
-traded cost for quality (and in `unsettled` and `final_cost_ratio`).
+retraining. A policy that ends more than 10% off the target is reported in a
+warning: one that names the unsettled decisions, or, for a settled policy,
+one that says the reward traded cost for quality (and in `unsettled` and
+`final_cost_ratio`).
 """
 
 from __future__ import annotations
@@ -192,11 +192,12 @@ class FliqsSearch(keras.callbacks.Callback):
         super().set_model(model)
         self.costs = CostModel(model, self.cost_metric, self.cost_table)
         self.target = self.costs.target(self.target_spec)
-        if self.max_cost_ratio is not None:
+        self.cost_limit = None if self.max_cost_ratio is None else self.max_cost_ratio * self.target
+        if self.cost_limit is not None:
             cheapest = self.costs.bounds()[0]
-            if self.max_cost_ratio * self.target < cheapest:
+            if self.cost_limit < cheapest:
                 raise ValueError(
-                    f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.max_cost_ratio * self.target:.6g} "
+                    f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
                     f"({self.cost_metric}), below the cheapest policy of the search space ({cheapest:.6g}).")
         policy = model.controller
         policy.learning_rate, policy.baseline_momentum, policy.seed = (
@@ -319,8 +320,7 @@ class FliqsSearch(keras.callbacks.Callback):
         argmax = keras.ops.convert_to_numpy(controller.argmax())
         kept = budget.most_probable_within(
             keras.ops.convert_to_numpy(controller.log_probabilities()), controller.valid,
-            lambda batch: keras.ops.convert_to_numpy(self.costs.graph_cost(batch, names)),
-            self.max_cost_ratio * self.target)
+            lambda batch: keras.ops.convert_to_numpy(self.costs.graph_cost(batch, names)), self.cost_limit)
         controller.choose(kept)
         self._kept = True
         self.budget_changes = {n: (choices[n][a].name, choices[n][k].name)
