@@ -8,11 +8,14 @@ weights and inputs in the format currently chosen for it. The numerical base:
 `fit`; `export` writes the fixed model, the policy file and a verified TFLite file;
 `models` holds reference networks (ResNet-18/50, MobileNetV2, a small ViT,
 small digits models); `data` the offline digits and the TFDS pipelines;
-`plots` the figure of a search.
+`plots` the figure of a search; `batch_norm` re-estimates the batch norms of
+the finished model.
 """
 
-from fliqs_keras import clipping, controller, cost, export, formats, layers, models, policy_file, quantizers
+from fliqs_keras import (batch_norm, clipping, controller, cost, export, formats, layers, models, policy_file,
+                         quantizers)
 from fliqs_keras.apply import apply, report, set_formats
+from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
 from fliqs_keras.callback import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
 from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, QuantizeWrapper
@@ -23,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig",
-    "QuantizeWrapper", "SearchModel", "SearchSpace", "__version__", "apply", "clipping", "controller",
+    "QuantizeWrapper", "SearchModel", "SearchSpace", "__version__", "apply", "batch_norm", "clipping", "controller",
     "cost", "decisions", "export", "formats", "layers", "models", "policy", "policy_file", "quantizers",
-    "report", "searchable_layers", "set_formats",
+    "reestimate_batch_norm", "report", "searchable_layers", "set_formats",
 ]
