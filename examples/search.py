@@ -7,8 +7,10 @@
         --strategy=tpu --tpu=my-tpu --batch_size=1024
 
 It trains the model with the FLIQS search (`fliqs_keras.FliqsSearch`, Keras
-progress bar), prints the chosen format of every layer with its cost, and
-the cost/accuracy table, and writes to --output_dir:
+progress bar), re-estimates the batch norms' statistics in the chosen
+formats (`fliqs_keras.reestimate_batch_norm`; --bn_reestimation_examples=0
+keeps those averaged over the search), prints the chosen format of every
+layer with its cost, and the cost/accuracy table, and writes to --output_dir:
 
 * ``policy.json``: the searched policy (`fliqs_keras.export.save_policy`);
 * ``searched.keras``: the searchable model in its chosen formats (reload it
@@ -57,6 +59,9 @@ flags.DEFINE_float("freeze_at", 1.0, "Fraction of the steps after which the chos
                    "trained alone (1.0: search to the end).")
 flags.DEFINE_float("max_cost_ratio", None, "If set, the kept formats cost at most this times the target: the "
                    "most probable policy within it when the argmax costs more (default: the argmax).")
+flags.DEFINE_integer("bn_reestimation_examples", 4096, "Training examples on which the batch norms' moving "
+                     "statistics are re-estimated after the search, in the chosen formats (0: keep the "
+                     "statistics averaged over the search's steps).")
 flags.DEFINE_integer("epochs", 8, "Training epochs.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the weights.")
@@ -181,10 +186,20 @@ def main(argv):
     callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
     if isinstance(train, tuple):
         searchable.fit(*train, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, callbacks=callbacks)
-        metrics = searchable.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)
     else:
         searchable.fit(train, epochs=FLAGS.epochs, callbacks=callbacks)
-        metrics = searchable.evaluate(test, verbose=0, return_dict=True)
+
+    def test_accuracy():
+        if isinstance(test, tuple):
+            return float(searchable.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)
+                         ["accuracy"])
+        return float(searchable.evaluate(test, verbose=0, return_dict=True)["accuracy"])
+
+    accuracy_as_trained = accuracy = test_accuracy()
+    if FLAGS.bn_reestimation_examples > 0 and fliqs_keras.reestimate_batch_norm(
+            searchable, train[0] if isinstance(train, tuple) else train, batch_size=FLAGS.batch_size,
+            max_examples=FLAGS.bn_reestimation_examples):
+        accuracy = test_accuracy()
 
     chosen = fliqs_keras.policy(searchable)
     costs = cost.CostModel(searchable, FLAGS.cost, FLAGS.cost_table)
@@ -193,7 +208,8 @@ def main(argv):
         "cost_metric": FLAGS.cost, "target": FLAGS.target, "target_cost": search.target,
         "cost": costs.cost(chosen), "cost_ratio_to_target": costs.cost(chosen) / search.target,
         "uniform_int8_cost": costs.uniform("int8"), "weight_bytes": cost.size_bits(searchable) / 8,
-        "test_accuracy": float(metrics["accuracy"]), "policy": chosen, "epochs": FLAGS.epochs,
+        "test_accuracy": accuracy, "test_accuracy_before_bn_reestimation": accuracy_as_trained,
+        "bn_reestimation_examples": FLAGS.bn_reestimation_examples, "policy": chosen, "epochs": FLAGS.epochs,
         "replicas": strategy.num_replicas_in_sync,
         "unsettled_decisions_nats": search.unsettled,
         "formats_changed_by_budget": {name: {"argmax": a, "kept": k}

@@ -49,6 +49,7 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     assert set(results["policy"].values()) <= {"int4", "int8", "e4m3"}
     assert results["target_cost"] == results["uniform_int8_cost"] * 0.5
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["replicas"] == 1
+    assert results["bn_reestimation_examples"] == 4096 and 0.0 <= results["test_accuracy_before_bn_reestimation"] <= 1
     assert "tflite_verified" in results
     assert all(0 < h <= math.log(3) + 1e-6 for h in results["unsettled_decisions_nats"].values())
     # The per-layer table and the cost/accuracy table are printed.
@@ -61,6 +62,8 @@ def test_search_script_runs_mirrored_on_two_logical_cpus(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["replicas"] == 2 and set(results["policy"]) == {"conv1", "conv2", "logits"}
+    # No batch norm to re-estimate: the accuracy is the model's as trained.
+    assert results["test_accuracy"] == results["test_accuracy_before_bn_reestimation"]
     assert (tmp_path / "policy.json").exists() and not (tmp_path / "model.tflite").exists()
 
 
