@@ -25,9 +25,12 @@ them. Per seed:
   the same QAT; the post-training search (per-layer sensitivity of the
   trained float model on the held-out slice, then the assignment of least
   summed sensitivity within the budget, found exhaustively), evaluated both
-  as post-training quantization and after the same QAT; HGQ2 (`hgq2`, its
-  per-weight bit widths learned under an EBOPs penalty whose weight a PID
-  controller steers to the budget).
+  as post-training quantization and after the same QAT; progressive QAT
+  (uniform in the dearest integer format within the budget, after the
+  integer formats above it in equal shares of the first 3/4 of the epochs,
+  INT8 first: the schedule of high formats first that a FLIQS run's draws
+  also give its weights); HGQ2 (`hgq2`, its per-weight bit widths learned
+  under an EBOPs penalty whose weight a PID controller steers to the budget).
 
 The comparison budget is the BOPs of uniform INT4 when the INT4-INT8 accuracy
 gap is at least three times the seeds' spread (the larger standard
@@ -47,6 +50,15 @@ at the comparison budget (uniform reference and INT8, random, sensitivity,
 every FLIQS variant), and `verdict_with_more_seeds` gives the verdict on all
 five (HGQ2, which misses the budget, keeps its three): one collapsed low-bit
 run moves a 3-seed mean by a point here.
+
+Every QAT run (not HGQ2's) is evaluated twice: as trained, and after its
+batch norms are re-estimated on the training split in the formats it ends in
+(`fliqs_keras.reestimate_batch_norm`). The verdicts above use the first;
+`verdict_with_batch_norm_reestimation` gives the verdict at the comparison
+budget on all the seeds with the second, for uniform, random, sensitivity,
+progressive, `fliqs-budget`, `fliqs-loss-budget` and the control. A stored
+run from before the re-estimation is run again for it (its earlier accuracy
+is kept as `accuracy_when_first_run`: the runs are deterministic).
 
 Each finished run is appended to a resume file, so an interrupted benchmark
 goes on where it stopped.
@@ -81,7 +93,8 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order,
 flags.DEFINE_list("more_seeds_at_budget", ["3", "4"], "Further seeds for the methods compared at the comparison "
                   "budget only (uniform reference and INT8, random, sensitivity, FLIQS): a second verdict on "
                   "all the seeds, where a 3-seed mean is at the mercy of one collapsed low-bit run.")
-flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "hgq2"], "Methods to run.")
+flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "hgq2"],
+                  "Methods to run.")
 flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
 flags.DEFINE_integer("epochs", None, "Epochs of every run (default: 8 for mnist, 20 for digits8).")
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON, the PNG and the resume files go.")
@@ -118,6 +131,9 @@ INT2_ROOM = 1.1
 RETRAINED = "fliqs-loss-budget"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
+REESTIMATED = "accuracy_bn_reestimated"
+# What the re-estimated verdict compares at the comparison budget (besides uniform and the control).
+REESTIMATED_VARIANTS = ("fliqs-budget", "fliqs-loss-budget")
 CALIBRATION_BATCHES = 8
 
 
@@ -149,12 +165,18 @@ def _compile(model, steps=1):
                   metrics=["accuracy"])
 
 
-def _train(model, splits, seed, epochs, callbacks=()):
+def _train(model, splits, seed, epochs, callbacks=(), reestimate=True) -> dict:
+    """Trains; the test accuracy as trained and, unless `reestimate` is off, after batch-norm re-estimation."""
     (x, y), _, (x_test, y_test) = splits
     _compile(model, epochs * -(-len(x) // FLAGS.batch_size))
     keras.utils.set_random_seed(seed)
     model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=0, callbacks=list(callbacks))
-    return float(model.evaluate(x_test, y_test, verbose=0)[1])
+    result = {"accuracy": float(model.evaluate(x_test, y_test, verbose=0)[1])}
+    if reestimate:
+        # Last, so that every other number of the run is the model as trained.
+        fliqs_keras.reestimate_batch_norm(model, x, max_examples=None)
+        result[REESTIMATED] = float(model.evaluate(x_test, y_test, verbose=0)[1])
+    return result
 
 
 def _layer_costs(searchable) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -174,33 +196,61 @@ def _layer_costs(searchable) -> tuple[list[str], dict[str, np.ndarray]]:
 def run_uniform(dataset, splits, seed, fmt):
     base = _build(dataset, seed)
     model = base if fmt == "fp32" else fliqs_keras.apply(base, fmt)
-    accuracy = _train(model, splits, seed, _epochs(dataset))
-    return {"accuracy": accuracy, "policy": fmt}
+    return {**_train(model, splits, seed, _epochs(dataset)), "policy": fmt}
 
 
 def run_fliqs(dataset, splits, seed, space, target, options=None):
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[space]))
     options = {"learning_rate": 0.05, "entropy_weight": 1.0, **(options or {})}
     search = fliqs_keras.FliqsSearch(target=target, validation_data=splits[1], seed=seed, **options)
-    accuracy = _train(searchable, splits, seed, _epochs(dataset), [search])
+    trained = _train(searchable, splits, seed, _epochs(dataset), [search])
     entropy = keras.ops.convert_to_numpy(searchable.controller.entropy())
-    row = {"accuracy": accuracy, "policy": fliqs_keras.policy(searchable), "bops": cost.bops(searchable),
+    row = {**trained, "policy": fliqs_keras.policy(searchable), "bops": cost.bops(searchable),
            "max_final_entropy_nats": float(entropy.max())}
     if search.max_cost_ratio is not None:
         row["formats_changed_by_budget"] = {n: list(change) for n, change in search.budget_changes.items()}
     return row
 
 
-def _train_policy(dataset, splits, seed, assignment):
+def _train_policy(dataset, splits, seed, assignment) -> dict:
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
     fliqs_keras.set_formats(searchable, assignment)
-    accuracy = _train(searchable, splits, seed, _epochs(dataset))
-    return accuracy, cost.bops(searchable)
+    return {**_train(searchable, splits, seed, _epochs(dataset)), "policy": assignment, "bops": cost.bops(searchable)}
+
+
+class _Schedule(keras.callbacks.Callback):
+    """Sets the formats of every layer at the start of each epoch, from a list of one entry per epoch."""
+
+    def __init__(self, per_epoch):
+        super().__init__()
+        self.per_epoch = per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        fliqs_keras.set_formats(self.model, self.per_epoch[epoch])
+
+
+def run_progressive(dataset, splits, seed, budget):
+    """Progressive QAT: the dearest uniform format within `budget`, trained after the formats above it.
+
+    The first 3/4 of the epochs go in equal shares to the integer choices above
+    the final format, from INT8 down (the way FLIQS's draws start high and its
+    formats freeze at 75% of the steps); the rest train in the final format.
+    """
+    searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
+    _, table = _layer_costs(searchable)
+    ladder = sorted(SPACES[BASELINE_SPACE], key=lambda f: -table[f].sum())
+    final = next(f for f in ladder if table[f].sum() <= budget)
+    higher = ladder[:ladder.index(final)]
+    epochs = _epochs(dataset)
+    early = (3 * epochs) // 4
+    per_epoch = [higher[i * len(higher) // early] if higher else final for i in range(early)]
+    per_epoch += [final] * (epochs - early)
+    trained = _train(searchable, splits, seed, epochs, [_Schedule(per_epoch)])
+    return {**trained, "policy": final, "schedule": per_epoch, "bops": cost.bops(searchable)}
 
 
 def run_retrained(dataset, splits, seed, assignment):
-    accuracy, bops = _train_policy(dataset, splits, seed, assignment)
-    return {"accuracy": accuracy, "policy": assignment, "bops": bops}
+    return _train_policy(dataset, splits, seed, assignment)
 
 
 def run_random(dataset, splits, seed, budget):
@@ -215,8 +265,7 @@ def run_random(dataset, splits, seed, budget):
     if not len(close):
         raise RuntimeError(f"No random policy within {RANDOM_TOLERANCE:.0%} of {budget:.4g} BOPs in 200,000 draws.")
     assignment = {n: choices[i] for n, i in zip(names, draws[close[0]])}
-    accuracy, bops = _train_policy(dataset, splits, seed, assignment)
-    return {"accuracy": accuracy, "policy": assignment, "bops": bops}
+    return _train_policy(dataset, splits, seed, assignment)
 
 
 def _calibrate(searchable, x, fmt):
@@ -230,7 +279,7 @@ def run_sensitivity(dataset, splits, seed, budget):
     """Post-training search: sensitivity of each layer in each format, then the best assignment in budget."""
     (x, _), (x_held, y_held), (x_test, y_test) = splits
     trained = _build(dataset, seed)
-    float_accuracy = _train(trained, splits, seed, _epochs(dataset))
+    float_accuracy = _train(trained, splits, seed, _epochs(dataset), reestimate=False)["accuracy"]
     choices = SPACES[BASELINE_SPACE]
     searchable = fliqs_keras.apply(trained, list(choices) + ["fp32"])
     for layer in searchable.layers:
@@ -257,9 +306,8 @@ def run_sensitivity(dataset, splits, seed, budget):
     assignment = {n: choices[i] for n, i in zip(names, best)}
     fliqs_keras.set_formats(searchable, assignment)
     ptq_accuracy = float(searchable.evaluate(x_test, y_test, verbose=0)[1])
-    accuracy, bops = _train_policy(dataset, splits, seed, assignment)
-    return {"accuracy": accuracy, "ptq_accuracy": ptq_accuracy, "float_accuracy": float_accuracy,
-            "policy": assignment, "bops": bops,
+    return {**_train_policy(dataset, splits, seed, assignment), "ptq_accuracy": ptq_accuracy,
+            "float_accuracy": float_accuracy,
             "sensitivity": {n: dict(zip(choices, sensitivity[:, i].round(5).tolist())) for i, n in enumerate(names)}}
 
 
@@ -295,7 +343,8 @@ def run_hgq2(dataset, splits, seed, budget):
     # HGQ2's default gains (i=2e-3, 10 warm-up epochs, made for long runs) beta
     # hardly moves in 8 epochs and EBOPs end at 4-6x the budget (measured).
     callbacks = [FreeEBOPs(), BetaPID(budget, init_beta=0.3 / budget, warmup=1, p=1.0, i=1.0, log=True)]
-    accuracy = _train(hgq_model, splits, seed, _epochs(dataset), callbacks)
+    # HGQ2's quantizers are not fliqs_keras wrappers, and it is off budget: no re-estimation.
+    accuracy = _train(hgq_model, splits, seed, _epochs(dataset), callbacks, reestimate=False)["accuracy"]
     ebops = float(sum(float(keras.ops.convert_to_numpy(layer.ebops)) for layer in hgq_model.layers
                       if getattr(layer, "enable_ebops", False)))
     return {"accuracy": accuracy, "bops": ebops, "policy": "per-weight fixed point (HGQ2 EBOPs)"}
@@ -317,15 +366,22 @@ class Runs:
                 return row
         return None
 
-    def run(self, key, function, *args):
+    def run(self, key, function, *args, require=()):
+        """The stored row of `key`, else a new run; a stored row that lacks a field of `require` is rerun."""
         row = self.get(key)
-        if row is not None:
+        if row is not None and all(field in row for field in require):
             return row
         start = time.time()
-        row = {"key": key, **function(*args), "seconds": round(time.time() - start, 1)}
-        self.rows.append(row)
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(row) + "\n")
+        new = {"key": key, **function(*args), "seconds": round(time.time() - start, 1)}
+        if row is None:
+            self.rows.append(new)
+            with self.path.open("a") as stream:
+                stream.write(json.dumps(new) + "\n")
+        else:
+            new["accuracy_when_first_run"] = row["accuracy"]
+            self.rows[self.rows.index(row)] = new
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        row = new
         logging.info("%s: %.4f at %.4g BOPs (%.0f s)", key, row["accuracy"], row.get("bops", float("nan")),
                      row["seconds"])
         return row
@@ -356,17 +412,18 @@ def benchmark(dataset: str) -> dict:
         into.setdefault(group, []).append(row)
 
     # One run of each kind (from the resume file when it is there), added to the groups `into`.
-    def uniform(fmt, seed, into=groups):
-        add(f"uniform {fmt}", runs.run(f"uniform/{fmt}/{seed}", run_uniform, dataset, splits, seed, fmt),
-            uniform_bops[fmt], into=into)
+    def uniform(fmt, seed, into=groups, require=()):
+        add(f"uniform {fmt}", runs.run(f"uniform/{fmt}/{seed}", run_uniform, dataset, splits, seed, fmt,
+                                       require=require), uniform_bops[fmt], into=into)
 
-    def baseline(method, spec, seed, into=groups):
+    def baseline(method, spec, seed, into=groups, require=()):
         add(f"{method} @{spec}", runs.run(f"{method}/{spec}/{seed}", baselines[method], dataset, splits, seed,
-                                          costs.target(spec)), into=into)
+                                          costs.target(spec), require=require), into=into)
 
-    def search(variant, space, options, target, seed, into=groups):
+    def search(variant, space, options, target, seed, into=groups, require=()):
         add(f"{variant} {space} @{target}", runs.run(f"{variant}/{space}/{target}/{seed}", run_fliqs, dataset,
-                                                     splits, seed, space, target, options), into=into)
+                                                     splits, seed, space, target, options, require=require),
+            into=into)
 
     if "uniform" in FLAGS.methods:
         for fmt in UNIFORM:
@@ -379,7 +436,8 @@ def benchmark(dataset: str) -> dict:
     budgets = [budget_format] + [b for b in ALSO_COMPARED if b != budget_format]
 
     # Baselines first, then the search spaces in order of interest: a cut-short run keeps what matters.
-    baselines = {"random": run_random, "sensitivity": run_sensitivity, "hgq2": run_hgq2}
+    baselines = {"random": run_random, "sensitivity": run_sensitivity, "progressive": run_progressive,
+                 "hgq2": run_hgq2}
     for spec in budgets:
         for method in baselines:
             if method in FLAGS.methods:
@@ -399,12 +457,12 @@ def benchmark(dataset: str) -> dict:
             for seed in seeds:
                 search(variant, space, options, target, seed)
 
-    def retrain(seed, into=groups):
+    def retrain(seed, into=groups, require=()):
         searched = runs.get(f"{RETRAINED}/{BASELINE_SPACE}/{budget_format}/{seed}")
         if searched is not None:
             add(f"{RETRAINED} retrained @{budget_format}",
                 runs.run(f"retrained/{RETRAINED}/{budget_format}/{seed}", run_retrained, dataset, splits, seed,
-                         searched["policy"]), into=into)
+                         searched["policy"], require=require), into=into)
 
     for seed in seeds:
         retrain(seed)
@@ -416,7 +474,7 @@ def benchmark(dataset: str) -> dict:
         for fmt in dict.fromkeys((reference, "int8")):
             if "uniform" in FLAGS.methods:
                 uniform(fmt, seed, more)
-        for method in ("random", "sensitivity"):
+        for method in ("random", "sensitivity", "progressive"):
             if method in FLAGS.methods:
                 baseline(method, budget_format, seed, more)
         if "fliqs" in FLAGS.methods:
@@ -428,6 +486,28 @@ def benchmark(dataset: str) -> dict:
     if more_seeds:
         verdict_more = {"seeds": seeds + more_seeds,
                         **_verdict({g: _summary(r) for g, r in more.items()}, budget_format, budget)}
+
+    # The same comparison, on all the seeds, with every model's batch norms re-estimated
+    # before the test (runs from before the re-estimation existed run again).
+    reestimated = {}
+    require = (REESTIMATED,)
+    for seed in seeds + more_seeds:
+        for fmt in dict.fromkeys((reference, "int8")):
+            if "uniform" in FLAGS.methods:
+                uniform(fmt, seed, reestimated, require)
+        for method in ("random", "sensitivity", "progressive"):
+            if method in FLAGS.methods:
+                baseline(method, budget_format, seed, reestimated, require)
+        if "fliqs" in FLAGS.methods:
+            for variant in REESTIMATED_VARIANTS:
+                search(variant, BASELINE_SPACE, VARIANTS[variant], budget_format, seed, reestimated, require)
+            retrain(seed, reestimated, require)
+    reestimated = {g: [{**r, "accuracy": r[REESTIMATED]} for r in rows] for g, rows in reestimated.items()}
+    verdict_reestimated = {}
+    if reestimated:
+        verdict_reestimated = {"seeds": seeds + more_seeds, "summaries": {g: _summary(r) for g, r in
+                                                                          reestimated.items()},
+                               **_verdict({g: _summary(r) for g, r in reestimated.items()}, budget_format, budget)}
     return {"dataset": dataset, "epochs": _epochs(dataset), "train_examples": len(splits[0][0]),
             "held_out_examples": len(splits[1][0]), "test_examples": len(splits[2][0]),
             "uniform_bops": uniform_bops, "comparison_budget": budget_format, "comparison_bops": budget,
@@ -435,6 +515,7 @@ def benchmark(dataset: str) -> dict:
             "verdict": _verdict(summaries, budget_format, budget),
             "verdicts_at_other_budgets": {b: _verdict(summaries, b, costs.target(b)) for b in budgets[1:]},
             "verdict_with_more_seeds": verdict_more,
+            "verdict_with_batch_norm_reestimation": verdict_reestimated,
             "more_seed_runs": {g: rows[len(groups.get(g, [])):] for g, rows in more.items()
                                if len(rows) > len(groups.get(g, []))},
             "summaries": summaries, "runs": groups}
@@ -501,7 +582,8 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs int+fp": ("tab:purple", "o"), "fliqs-loss int": ("tab:pink", "D"),
          "fliqs-h256 int": ("tab:olive", "D"),
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
-         "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"), "random": ("tab:gray", "x"), "sensitivity": ("tab:green", "^"),
+         "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"), "random": ("tab:gray", "x"),
+         "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
 
 
@@ -548,7 +630,9 @@ def main(argv):
     for result in results:
         print(json.dumps({"dataset": result["dataset"], "comparison_budget": result["comparison_budget"],
                           "verdict": result["verdict"],
-                          "verdict_with_more_seeds": result["verdict_with_more_seeds"]}, indent=2))
+                          "verdict_with_more_seeds": result["verdict_with_more_seeds"],
+                          "verdict_with_batch_norm_reestimation": result["verdict_with_batch_norm_reestimation"]},
+                         indent=2))
 
 
 if __name__ == "__main__":
