@@ -105,13 +105,12 @@ def _reestimate_in_order(norms, model, data, batch_size, max_examples) -> int:
     examples = 0
     for layer in norms:
         probe = keras.Model(model.input, layer.input)
-        axis = [a % len(layer.input.shape) for a in layer.axis] if isinstance(layer.axis, (list, tuple)) \
-            else [layer.axis % len(layer.input.shape)]
+        axis = layer.axis % len(layer.input.shape)
         examples, count, total, squares = 0, 0, 0.0, 0.0
         for x in _batches(data, batch_size, max_examples):
             examples += len(keras.tree.flatten(x)[0])
             features = np.asarray(keras.ops.convert_to_numpy(probe(x, training=False)), np.float64)
-            reduce = tuple(a for a in range(features.ndim) if a not in axis)
+            reduce = tuple(a for a in range(features.ndim) if a != axis)
             count += int(np.prod([features.shape[a] for a in reduce]))
             total = total + features.sum(axis=reduce)
             squares = squares + np.square(features).sum(axis=reduce)
