@@ -249,10 +249,6 @@ def run_progressive(dataset, splits, seed, budget):
     return {**trained, "policy": final, "schedule": per_epoch, "bops": cost.bops(searchable)}
 
 
-def run_retrained(dataset, splits, seed, assignment):
-    return _train_policy(dataset, splits, seed, assignment)
-
-
 def run_random(dataset, splits, seed, budget):
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
     names, table = _layer_costs(searchable)
@@ -443,6 +439,7 @@ def benchmark(dataset: str) -> dict:
             if method in FLAGS.methods:
                 for seed in seeds:
                     baseline(method, spec, seed)
+    work = []
     if "fliqs" in FLAGS.methods:
         # The comparison budget first, then the curves: a cut-short run keeps what matters.
         searches = [("fliqs", space, {}, TARGETS[space]) for space in SPACES]
@@ -461,27 +458,31 @@ def benchmark(dataset: str) -> dict:
         searched = runs.get(f"{RETRAINED}/{BASELINE_SPACE}/{budget_format}/{seed}")
         if searched is not None:
             add(f"{RETRAINED} retrained @{budget_format}",
-                runs.run(f"retrained/{RETRAINED}/{budget_format}/{seed}", run_retrained, dataset, splits, seed,
+                runs.run(f"retrained/{RETRAINED}/{budget_format}/{seed}", _train_policy, dataset, splits, seed,
                          searched["policy"], require=require), into=into)
 
     for seed in seeds:
         retrain(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
-    more = {g: list(rows) for g, rows in groups.items()}
     reference = budget_format.split("*")[0]
-    for seed in more_seeds:
+
+    def at_budget(seed, into, variants, require=()):
+        """Everything compared at the comparison budget, for one seed."""
         for fmt in dict.fromkeys((reference, "int8")):
             if "uniform" in FLAGS.methods:
-                uniform(fmt, seed, more)
+                uniform(fmt, seed, into, require)
         for method in ("random", "sensitivity", "progressive"):
             if method in FLAGS.methods:
-                baseline(method, budget_format, seed, more)
+                baseline(method, budget_format, seed, into, require)
         if "fliqs" in FLAGS.methods:
-            for variant, space, options, target in work:
-                if target == budget_format:
-                    search(variant, space, options, target, seed, more)
-            retrain(seed, more)
+            for variant, space, options in variants:
+                search(variant, space, options, budget_format, seed, into, require)
+            retrain(seed, into, require)
+
+    more = {g: list(rows) for g, rows in groups.items()}
+    for seed in more_seeds:
+        at_budget(seed, more, [(v, space, options) for v, space, options, target in work if target == budget_format])
     verdict_more = {}
     if more_seeds:
         verdict_more = {"seeds": seeds + more_seeds,
@@ -490,24 +491,14 @@ def benchmark(dataset: str) -> dict:
     # The same comparison, on all the seeds, with every model's batch norms re-estimated
     # before the test (runs from before the re-estimation existed run again).
     reestimated = {}
-    require = (REESTIMATED,)
     for seed in seeds + more_seeds:
-        for fmt in dict.fromkeys((reference, "int8")):
-            if "uniform" in FLAGS.methods:
-                uniform(fmt, seed, reestimated, require)
-        for method in ("random", "sensitivity", "progressive"):
-            if method in FLAGS.methods:
-                baseline(method, budget_format, seed, reestimated, require)
-        if "fliqs" in FLAGS.methods:
-            for variant in REESTIMATED_VARIANTS:
-                search(variant, BASELINE_SPACE, VARIANTS[variant], budget_format, seed, reestimated, require)
-            retrain(seed, reestimated, require)
-    reestimated = {g: [{**r, "accuracy": r[REESTIMATED]} for r in rows] for g, rows in reestimated.items()}
+        at_budget(seed, reestimated, [(v, BASELINE_SPACE, VARIANTS[v]) for v in REESTIMATED_VARIANTS],
+                  require=(REESTIMATED,))
+    reestimated = {g: _summary([{**r, "accuracy": r[REESTIMATED]} for r in rows]) for g, rows in reestimated.items()}
     verdict_reestimated = {}
     if reestimated:
-        verdict_reestimated = {"seeds": seeds + more_seeds, "summaries": {g: _summary(r) for g, r in
-                                                                          reestimated.items()},
-                               **_verdict({g: _summary(r) for g, r in reestimated.items()}, budget_format, budget)}
+        verdict_reestimated = {"seeds": seeds + more_seeds, "summaries": reestimated,
+                               **_verdict(reestimated, budget_format, budget)}
     return {"dataset": dataset, "epochs": _epochs(dataset), "train_examples": len(splits[0][0]),
             "held_out_examples": len(splits[1][0]), "test_examples": len(splits[2][0]),
             "uniform_bops": uniform_bops, "comparison_budget": budget_format, "comparison_bops": budget,
