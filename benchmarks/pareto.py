@@ -20,7 +20,12 @@ them. Per seed:
   ``max_cost_ratio=1``, and trained alone for the rest of the run); and, as a
   control, the `fliqs-loss-budget` policies at the comparison budget trained
   again from scratch with plain QAT (``... retrained``: the same policy
-  without the search's training; not a method, so not in the verdict);
+  without the search's training); and, as the other controls, the random
+  baseline's policies and the uniform reference (INT2 at ``int2*1.1``)
+  trained after 75% of the steps in per-step uniform draws of every layer's
+  format (``random after uniform draws``, ``int2 after uniform draws``: the
+  search's training without its policy learning). Controls are not methods,
+  so not baselines in the verdicts, which give FLIQS's margin over them;
 * at the comparison budget (below): a random policy at that BOPs (±5%), then
   the same QAT; the post-training search (per-layer sensitivity of the
   trained float model on the held-out slice, then the assignment of least
@@ -47,7 +52,7 @@ seed (the tolerance a baseline gets). The baselines also run at uniform INT3's
 BOPs, and the JSON gives the same verdict there (`verdicts_at_other_budgets`).
 Seeds 3 and 4 (`--more_seeds_at_budget`) then run once more what is compared
 at the comparison budget (uniform reference and INT8, random, sensitivity,
-every FLIQS variant), and `verdict_with_more_seeds` gives the verdict on all
+every FLIQS variant, the controls), and `verdict_with_more_seeds` gives the verdict on all
 five (HGQ2, which misses the budget, keeps its three): one collapsed low-bit
 run moves a 3-seed mean by a point here.
 
@@ -56,7 +61,7 @@ batch norms are re-estimated on the training split in the formats it ends in
 (`fliqs_keras.reestimate_batch_norm`). The verdicts above use the first;
 `verdict_with_batch_norm_reestimation` gives the verdict at the comparison
 budget on all the seeds with the second, for uniform, random, sensitivity,
-progressive, `fliqs-budget`, `fliqs-loss-budget` and the control. A stored
+progressive, `fliqs-budget`, `fliqs-loss-budget` and the controls. A stored
 run from before the re-estimation is run again for it (its earlier accuracy
 is kept as `accuracy_when_first_run`: the runs are deterministic).
 
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -109,6 +115,7 @@ SPACES = {
 TARGETS = {"int": ("int3", "int4", "int6"), "fp": ("int5", "int6", "int7"),
            "int+fp": ("int3", "int4", "int6")}
 BASELINE_SPACE = "int"
+FREEZE_AT = 0.75
 VARIANTS = {
     # TuNAS's held-out batch: 256 examples a step, against FliqsSearch's default of 16
     # (chosen for step time); a less noisy reward for the same number of steps.
@@ -119,16 +126,19 @@ VARIANTS = {
     # held-out noise), a short warm-up and a faster policy, so that it settles (the
     # others end with up to 0.9 nats left and an argmax off the target), and the last
     # quarter of the steps spent training the chosen formats.
-    "fliqs-short": {"quality": "loss", "warmup": 0.1, "learning_rate": 0.1, "freeze_at": 0.75},
+    "fliqs-short": {"quality": "loss", "warmup": 0.1, "learning_rate": 0.1, "freeze_at": FREEZE_AT},
     # The default settings and the loss variant, whose argmax can land far over the budget
     # (unsettled after a few hundred steps), with the budget held: at 75% of the steps the most
     # probable policy within the target is kept and trained for the rest of the run.
-    "fliqs-budget": {"freeze_at": 0.75, "max_cost_ratio": 1.0},
-    "fliqs-loss-budget": {"quality": "loss", "freeze_at": 0.75, "max_cost_ratio": 1.0},
+    "fliqs-budget": {"freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
+    "fliqs-loss-budget": {"quality": "loss", "freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
 }
 INT2_ROOM = 1.1
-# The control: this variant's kept policies, trained again from scratch with plain QAT.
+# The controls, not methods (so not baselines in the verdicts): this variant's kept policies,
+# trained again from scratch with plain QAT; and the random baseline's policies and the uniform
+# reference trained after the search's per-step format draws, with no policy learning.
 RETRAINED = "fliqs-loss-budget"
+DRAWN = " after uniform draws"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 REESTIMATED = "accuracy_bn_reestimated"
@@ -249,7 +259,8 @@ def run_progressive(dataset, splits, seed, budget):
     return {**trained, "policy": final, "schedule": per_epoch, "bops": cost.bops(searchable)}
 
 
-def run_random(dataset, splits, seed, budget):
+def _random_policy(dataset, seed, budget) -> dict[str, str]:
+    """The first of 200,000 uniform draws of the integer choices that costs within 5% of `budget`."""
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
     names, table = _layer_costs(searchable)
     choices = SPACES[BASELINE_SPACE]
@@ -260,8 +271,50 @@ def run_random(dataset, splits, seed, budget):
     close = np.flatnonzero(np.abs(totals / budget - 1) <= RANDOM_TOLERANCE)
     if not len(close):
         raise RuntimeError(f"No random policy within {RANDOM_TOLERANCE:.0%} of {budget:.4g} BOPs in 200,000 draws.")
-    assignment = {n: choices[i] for n, i in zip(names, draws[close[0]])}
-    return _train_policy(dataset, splits, seed, assignment)
+    return {n: choices[i] for n, i in zip(names, draws[close[0]])}
+
+
+def run_random(dataset, splits, seed, budget):
+    return _train_policy(dataset, splits, seed, _random_policy(dataset, seed, budget))
+
+
+class _UniformDraws(keras.callbacks.Callback):
+    """Draws every decision's format uniformly at random each step until step `until`, then sets `final`.
+
+    A FLIQS run's warm-up draws, kept up to where `freeze_at` ends the search,
+    with no policy learning: what the search's training gives any policy.
+    """
+
+    def __init__(self, seed, until, final):
+        super().__init__()
+        self.rng, self.until, self.final, self.step = np.random.default_rng(seed), until, final, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        model = self.model
+        if self.step < self.until:
+            choices = fliqs_keras.decisions(model)
+            model.assign_choices(np.array([self.rng.integers(len(choices[n])) for n in model.decision_names],
+                                          dtype="int32"))
+        elif self.step == self.until:
+            fliqs_keras.set_formats(model, self.final)
+        self.step += 1
+
+
+def run_drawn(dataset, splits, seed, budget, final):
+    """A control of the search's training: a policy trained after `FREEZE_AT` of the steps in per-step
+    uniform draws of every layer's format (a FLIQS run without its policy learning).
+
+    `final` is ``"random"`` (the random baseline's policy of this seed and
+    budget) or a format (that uniform model, the comparison's reference).
+    """
+    assignment = _random_policy(dataset, seed, budget) if final == "random" else final
+    searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
+    epochs = _epochs(dataset)
+    steps = epochs * -(-len(splits[0][0]) // FLAGS.batch_size)
+    # Draws of their own: the seed's format draws must not repeat the random policy's draws.
+    draws = _UniformDraws(1000 + seed, math.ceil(FREEZE_AT * steps), assignment)
+    return {**_train(searchable, splits, seed, epochs, [draws]), "policy": assignment,
+            "bops": cost.bops(searchable)}
 
 
 def _calibrate(searchable, x, fmt):
@@ -397,8 +450,7 @@ def benchmark(dataset: str) -> dict:
     output_dir = pathlib.Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runs = Runs(output_dir / f".pareto_{dataset}_runs.jsonl")
-    reference = fliqs_keras.apply(_build(dataset, 0), list(SPACES["int+fp"]))
-    costs = cost.CostModel(reference, "bops")
+    costs = cost.CostModel(fliqs_keras.apply(_build(dataset, 0), list(SPACES["int+fp"])), "bops")
     uniform_bops = {f: costs.uniform(f) for f in UNIFORM}
     groups: dict[str, list[dict]] = {}
 
@@ -428,6 +480,7 @@ def benchmark(dataset: str) -> dict:
     summaries = {g: _summary(r) for g, r in groups.items()}
     budget_format, gaps = _comparison_budget(summaries)
     budget = costs.target(budget_format)
+    reference = budget_format.split("*")[0]
     # Uniform INT3's budget too, when it is not the comparison budget: where the mixing has more room.
     budgets = [budget_format] + [b for b in ALSO_COMPARED if b != budget_format]
 
@@ -461,12 +514,18 @@ def benchmark(dataset: str) -> dict:
                 runs.run(f"retrained/{RETRAINED}/{budget_format}/{seed}", _train_policy, dataset, splits, seed,
                          searched["policy"], require=require), into=into)
 
+    def drawn(seed, into=groups, require=()):
+        if "fliqs" in FLAGS.methods:
+            for final in ("random", reference):
+                add(f"{final}{DRAWN} @{budget_format}",
+                    runs.run(f"drawn/{final}/{budget_format}/{seed}", run_drawn, dataset, splits, seed, budget,
+                             final, require=require), into=into)
+
     for seed in seeds:
         retrain(seed)
+        drawn(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
-    reference = budget_format.split("*")[0]
-
     def at_budget(seed, into, variants, require=()):
         """Everything compared at the comparison budget, for one seed."""
         for fmt in dict.fromkeys((reference, "int8")):
@@ -479,6 +538,7 @@ def benchmark(dataset: str) -> dict:
             for variant, space, options in variants:
                 search(variant, space, options, budget_format, seed, into, require)
             retrain(seed, into, require)
+        drawn(seed, into, require)
 
     more = {g: list(rows) for g, rows in groups.items()}
     for seed in more_seeds:
@@ -534,6 +594,11 @@ def _comparison_budget(summaries) -> tuple[str, dict[str, float]]:
     return "int3", gaps
 
 
+def _is_control(group: str) -> bool:
+    family = group.split(" @")[0]
+    return family == f"{RETRAINED} retrained" or family.endswith(DRAWN)
+
+
 def _verdict(summaries, budget_format, budget):
     uniform_format = budget_format.split("*")[0]
     low, high = summaries.get(f"uniform {uniform_format}"), summaries.get("uniform int8")
@@ -541,7 +606,9 @@ def _verdict(summaries, budget_format, budget):
         return {}
     gap = high["mean_accuracy"] - low["mean_accuracy"]
     candidates = {g: s for g, s in summaries.items()
-                  if g == f"uniform {uniform_format}" or g.endswith(f"@{budget_format}") and not g.startswith("fliqs")}
+                  if g == f"uniform {uniform_format}" or g.endswith(f"@{budget_format}") and not g.startswith("fliqs")
+                  and not _is_control(g)}
+    controls = {g: s for g, s in summaries.items() if g.endswith(f"@{budget_format}") and _is_control(g)}
     # A baseline that missed the budget by more than 10% is not compared at it (HGQ2 can).
     baselines = {g: s for g, s in candidates.items() if s["mean_bops"] <= 1.1 * budget}
     verdict = {"budget_bops": budget, "uniform_reference": f"uniform {uniform_format}",
@@ -561,6 +628,8 @@ def _verdict(summaries, budget_format, budget):
         # The baselines' tolerance, for every seed: a policy 1.7x over the budget is not "at" it.
         within = max(fliqs["bops"]) <= 1.1 * budget
         verdict[variant] = {"margin_over_baselines": margins, "largest_spread": spread,
+                            "margin_over_controls": {g: fliqs["mean_accuracy"] - s["mean_accuracy"]
+                                                     for g, s in controls.items()},
                             "above_every_baseline_by_more_than_spread": above,
                             "gap_recovered": recovered, "recovers_75_percent": recovered >= 0.75,
                             "bops_ratio_to_budget": fliqs["mean_bops"] / budget,
@@ -573,39 +642,76 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs int+fp": ("tab:purple", "o"), "fliqs-loss int": ("tab:pink", "D"),
          "fliqs-h256 int": ("tab:olive", "D"),
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
-         "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"), "random": ("tab:gray", "x"),
+         "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
+         "random": ("tab:gray", "x"), f"random{DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
 
 
+def _panel(axis, summaries, comparison_bops, title):
+    seen = set()
+    for group, summary in summaries.items():
+        family = "uniform" if group.startswith("uniform") else group.split(" @")[0]
+        # The uniform reference after the draws, whichever format the comparison budget names.
+        color, marker = STYLE.get(family) or (("tab:blue", "+") if family.endswith(DRAWN) else ("black", "."))
+        axis.errorbar(summary["mean_bops"] / 1e6, summary["mean_accuracy"] * 100,
+                      yerr=summary["std_accuracy"] * 100, color=color, marker=marker, capsize=3,
+                      linestyle="none", label=None if family in seen else family)
+        seen.add(family)
+        if group.startswith("uniform"):
+            axis.annotate(group.split()[1], (summary["mean_bops"] / 1e6, summary["mean_accuracy"] * 100),
+                          textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+    axis.axvline(comparison_bops / 1e6, color="gray", linewidth=0.6, linestyle=":")
+    axis.set_xscale("log")
+    axis.set_xlabel("MBOPs (log)")
+    axis.set_ylabel("test accuracy (%), mean ± std of seeds")
+    lowest = min(s["mean_accuracy"] - s["std_accuracy"] for s in summaries.values())
+    axis.set_ylim(bottom=max(lowest * 100 - 1, 0))
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="lower right")
+
+
+def _comparison_panel(axis, verdict, title):
+    """One row per method at the budget: every seed, the mean ± std, and the 75% line of the target."""
+    summaries = verdict["summaries"]
+    low = summaries[verdict["uniform_reference"]]["mean_accuracy"] * 100
+    high = summaries["uniform int8"]["mean_accuracy"] * 100
+    for row, (group, summary) in enumerate(summaries.items()):
+        family = "uniform" if group.startswith("uniform") else group.split(" @")[0]
+        color, _ = STYLE.get(family) or (("tab:blue", "+") if family.endswith(DRAWN) else ("black", "."))
+        axis.scatter([a * 100 for a in summary["accuracies"]], [row] * len(summary["accuracies"]), s=10,
+                     color=color, alpha=0.5)
+        axis.errorbar(summary["mean_accuracy"] * 100, row, xerr=summary["std_accuracy"] * 100, color=color,
+                      marker="o", capsize=3)
+    axis.axvline(low + 0.75 * (high - low), color="tab:red", linewidth=0.8, linestyle="--",
+                 label="75% of the gap to INT8")
+    axis.set_yticks(range(len(summaries)), [g.split(" @")[0] for g in summaries], fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("test accuracy (%): seeds, mean ± std")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="lower left")
+
+
 def _plot(results, path):
+    """Per dataset: every method as trained (top) and, below, what the re-estimated verdict compares."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for axis, result in zip(axes[0], results):
-        seen = set()
-        for group, summary in result["summaries"].items():
-            family = "uniform" if group.startswith("uniform") else group.split(" @")[0]
-            color, marker = STYLE.get(family, ("black", "."))
-            axis.errorbar(summary["mean_bops"] / 1e6, summary["mean_accuracy"] * 100,
-                          yerr=summary["std_accuracy"] * 100, color=color, marker=marker, capsize=3,
-                          linestyle="none", label=None if family in seen else family)
-            seen.add(family)
-            if group.startswith("uniform"):
-                axis.annotate(group.split()[1], (summary["mean_bops"] / 1e6, summary["mean_accuracy"] * 100),
-                              textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
-        axis.axvline(result["comparison_bops"] / 1e6, color="gray", linewidth=0.6, linestyle=":")
-        axis.set_xscale("log")
-        axis.set_xlabel("MBOPs (log)")
-        axis.set_ylabel("test accuracy (%), mean ± std of seeds")
-        lowest = min(s["mean_accuracy"] - s["std_accuracy"] for s in result["summaries"].values())
-        axis.set_ylim(bottom=max(lowest * 100 - 1, 0))
-        axis.set_title(f"{result['dataset']}: digits_resnet, {result['epochs']} epochs; "
-                       f"dotted: the comparison budget, {result['comparison_budget']} BOPs", fontsize=9)
-        axis.legend(fontsize=7, loc="lower right")
+    rows = 1 + any(r["verdict_with_batch_norm_reestimation"] for r in results)
+    figure, axes = plt.subplots(rows, len(results), figsize=(6.5 * len(results), 4.8 * rows), squeeze=False)
+    for column, result in enumerate(results):
+        _panel(axes[0][column], result["summaries"], result["comparison_bops"],
+               f"{result['dataset']}: digits_resnet, {result['epochs']} epochs, as trained; "
+               f"dotted: the comparison budget, {result['comparison_budget']} BOPs")
+        reestimated = result["verdict_with_batch_norm_reestimation"]
+        if rows > 1 and reestimated:
+            _comparison_panel(axes[1][column], reestimated,
+                              f"{result['dataset']} at {result['comparison_budget']} BOPs, batch norms "
+                              f"re-estimated, seeds {','.join(map(str, reestimated['seeds']))}")
+        elif rows > 1:
+            axes[1][column].set_axis_off()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
