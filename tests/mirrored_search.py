@@ -1,4 +1,5 @@
-"""Helper of test_search: a search under MirroredStrategy on two logical CPU devices.
+"""Helper of test_search: a search, and a batch-norm re-estimation, under MirroredStrategy on two
+logical CPU devices.
 
 Run in its own process, since the logical devices must be set before
 TensorFlow starts. Writes mirrored.json to the folder given as argument.
@@ -60,7 +61,31 @@ def main(output_dir):
         "kept_in_layers": {w.name: w.current_formats()[w.name].name
                            for w in fliqs_keras.searchable_layers(model)} == kept,
     }
+    report.update(_batch_norm_report(strategy, x))
     pathlib.Path(output_dir, "mirrored.json").write_text(json.dumps(report))
+
+
+def _batch_norm_report(strategy, x):
+    """Re-estimates a batch norm whose statistics are MirroredVariables, outside `strategy.run`
+    (as examples/search.py does), and reads back every replica's copy."""
+    with strategy.scope():
+        inputs = keras.Input((28, 28, 1))
+        hidden = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="conv1")(inputs)
+        hidden = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(hidden))
+        outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+        model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int8"])
+    fliqs_keras.set_formats(model, "int2")
+    fliqs_keras.reestimate_batch_norm(model, x, batch_size=100)
+    bn = model.get_layer("bn")
+    features = keras.Model(model.input, bn.input)(x, training=False).numpy().reshape(-1, 8).astype(np.float64)
+    means = [v.numpy() for v in strategy.experimental_local_results(bn.moving_mean.value)]
+    variances = [v.numpy() for v in strategy.experimental_local_results(bn.moving_variance.value)]
+    return {
+        "bn_copies": len(means),
+        "bn_mean_error": max(float(np.max(np.abs(m - features.mean(axis=0)))) for m in means),
+        "bn_variance_error": max(float(np.max(np.abs(v - features.var(axis=0)))) for v in variances),
+        "bn_variance_scale": float(np.max(features.var(axis=0))),
+    }
 
 
 if __name__ == "__main__":

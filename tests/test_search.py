@@ -214,6 +214,9 @@ def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
     assert report["steps"] > 0 and report["identical"], report
     assert report["loss_finite"] and report["updates"] > 0, report
     assert report["kept_cost_ratio"] <= 0.5 and report["kept_in_layers"], report
+    # Batch-norm re-estimation outside strategy.run reaches every replica's copy of the statistics.
+    assert report["bn_copies"] == 2 and report["bn_variance_scale"] > 1e-3, report
+    assert report["bn_mean_error"] < 1e-5 and report["bn_variance_error"] < 1e-5 * report["bn_variance_scale"], report
 
 
 def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
