@@ -138,7 +138,7 @@ INT2_ROOM = 1.1
 # trained again from scratch with plain QAT; and the random baseline's policies and the uniform
 # reference trained after the search's per-step format draws, with no policy learning.
 RETRAINED = "fliqs-loss-budget"
-DRAWN = " after uniform draws"
+DRAWN = "after uniform draws"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 REESTIMATED = "accuracy_bn_reestimated"
@@ -289,14 +289,15 @@ class _UniformDraws(keras.callbacks.Callback):
         super().__init__()
         self.rng, self.until, self.final, self.step = np.random.default_rng(seed), until, final, 0
 
+    def on_train_begin(self, logs=None):
+        choices = fliqs_keras.decisions(self.model)
+        self.sizes = [len(choices[name]) for name in self.model.decision_names]
+
     def on_train_batch_begin(self, batch, logs=None):
-        model = self.model
         if self.step < self.until:
-            choices = fliqs_keras.decisions(model)
-            model.assign_choices(np.array([self.rng.integers(len(choices[n])) for n in model.decision_names],
-                                          dtype="int32"))
+            self.model.assign_choices(np.array([self.rng.integers(n) for n in self.sizes], dtype="int32"))
         elif self.step == self.until:
-            fliqs_keras.set_formats(model, self.final)
+            fliqs_keras.set_formats(self.model, self.final)
         self.step += 1
 
 
@@ -517,7 +518,7 @@ def benchmark(dataset: str) -> dict:
     def drawn(seed, into=groups, require=()):
         if "fliqs" in FLAGS.methods:
             for final in ("random", reference):
-                add(f"{final}{DRAWN} @{budget_format}",
+                add(f"{final} {DRAWN} @{budget_format}",
                     runs.run(f"drawn/{final}/{budget_format}/{seed}", run_drawn, dataset, splits, seed, budget,
                              final, require=require), into=into)
 
@@ -526,6 +527,7 @@ def benchmark(dataset: str) -> dict:
         drawn(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
+
     def at_budget(seed, into, variants, require=()):
         """Everything compared at the comparison budget, for one seed."""
         for fmt in dict.fromkeys((reference, "int8")):
@@ -643,17 +645,25 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-h256 int": ("tab:olive", "D"),
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
-         "random": ("tab:gray", "x"), f"random{DRAWN}": ("dimgray", "+"),
+         "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
+
+
+def _family(group: str) -> str:
+    return "uniform" if group.startswith("uniform") else group.split(" @")[0]
+
+
+def _style(family: str) -> tuple[str, str]:
+    # The uniform reference after the draws, whichever format the comparison budget names.
+    return STYLE.get(family) or (("tab:blue", "+") if family.endswith(DRAWN) else ("black", "."))
 
 
 def _panel(axis, summaries, comparison_bops, title):
     seen = set()
     for group, summary in summaries.items():
-        family = "uniform" if group.startswith("uniform") else group.split(" @")[0]
-        # The uniform reference after the draws, whichever format the comparison budget names.
-        color, marker = STYLE.get(family) or (("tab:blue", "+") if family.endswith(DRAWN) else ("black", "."))
+        family = _family(group)
+        color, marker = _style(family)
         axis.errorbar(summary["mean_bops"] / 1e6, summary["mean_accuracy"] * 100,
                       yerr=summary["std_accuracy"] * 100, color=color, marker=marker, capsize=3,
                       linestyle="none", label=None if family in seen else family)
@@ -677,8 +687,7 @@ def _comparison_panel(axis, verdict, title):
     low = summaries[verdict["uniform_reference"]]["mean_accuracy"] * 100
     high = summaries["uniform int8"]["mean_accuracy"] * 100
     for row, (group, summary) in enumerate(summaries.items()):
-        family = "uniform" if group.startswith("uniform") else group.split(" @")[0]
-        color, _ = STYLE.get(family) or (("tab:blue", "+") if family.endswith(DRAWN) else ("black", "."))
+        color, _ = _style(_family(group))
         axis.scatter([a * 100 for a in summary["accuracies"]], [row] * len(summary["accuracies"]), s=10,
                      color=color, alpha=0.5)
         axis.errorbar(summary["mean_accuracy"] * 100, row, xerr=summary["std_accuracy"] * 100, color=color,
