@@ -61,7 +61,7 @@ batch norms are re-estimated on the training split in the formats it ends in
 (`fliqs_keras.reestimate_batch_norm`). The verdicts above use the first;
 `verdict_with_batch_norm_reestimation` gives the verdict at the comparison
 budget on all the seeds with the second, for uniform, random, sensitivity,
-progressive, `fliqs-budget`, `fliqs-loss-budget` and the controls. A stored
+progressive, every FLIQS variant and the controls. A stored
 run from before the re-estimation is run again for it (its earlier accuracy
 is kept as `accuracy_when_first_run`: the runs are deterministic).
 
@@ -142,8 +142,6 @@ DRAWN = "after uniform draws"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 REESTIMATED = "accuracy_bn_reestimated"
-# What the re-estimated verdict compares at the comparison budget (besides uniform and the control).
-REESTIMATED_VARIANTS = ("fliqs-budget", "fliqs-loss-budget")
 CALIBRATION_BATCHES = 8
 
 
@@ -542,9 +540,10 @@ def benchmark(dataset: str) -> dict:
             retrain(seed, into, require)
         drawn(seed, into, require)
 
+    at_comparison_budget = [(v, space, options) for v, space, options, target in work if target == budget_format]
     more = {g: list(rows) for g, rows in groups.items()}
     for seed in more_seeds:
-        at_budget(seed, more, [(v, space, options) for v, space, options, target in work if target == budget_format])
+        at_budget(seed, more, at_comparison_budget)
     verdict_more = {}
     if more_seeds:
         verdict_more = {"seeds": seeds + more_seeds,
@@ -554,8 +553,7 @@ def benchmark(dataset: str) -> dict:
     # before the test (runs from before the re-estimation existed run again).
     reestimated = {}
     for seed in seeds + more_seeds:
-        at_budget(seed, reestimated, [(v, BASELINE_SPACE, VARIANTS[v]) for v in REESTIMATED_VARIANTS],
-                  require=(REESTIMATED,))
+        at_budget(seed, reestimated, at_comparison_budget, require=(REESTIMATED,))
     reestimated = {g: _summary([{**r, "accuracy": r[REESTIMATED]} for r in rows]) for g, rows in reestimated.items()}
     verdict_reestimated = {}
     if reestimated:
