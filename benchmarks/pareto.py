@@ -173,10 +173,15 @@ def _compile(model, steps=1):
                   metrics=["accuracy"])
 
 
+def _steps(splits, epochs) -> int:
+    """Training steps of a run: the schedule's length, and where a search's freeze falls."""
+    return epochs * -(-len(splits[0][0]) // FLAGS.batch_size)
+
+
 def _train(model, splits, seed, epochs, callbacks=(), reestimate=True) -> dict:
     """Trains; the test accuracy as trained and, unless `reestimate` is off, after batch-norm re-estimation."""
     (x, y), _, (x_test, y_test) = splits
-    _compile(model, epochs * -(-len(x) // FLAGS.batch_size))
+    _compile(model, _steps(splits, epochs))
     keras.utils.set_random_seed(seed)
     model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=0, callbacks=list(callbacks))
     result = {"accuracy": float(model.evaluate(x_test, y_test, verbose=0)[1])}
@@ -309,9 +314,8 @@ def run_drawn(dataset, splits, seed, budget, final):
     assignment = _random_policy(dataset, seed, budget) if final == "random" else final
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
     epochs = _epochs(dataset)
-    steps = epochs * -(-len(splits[0][0]) // FLAGS.batch_size)
     # Draws of their own: the seed's format draws must not repeat the random policy's draws.
-    draws = _UniformDraws(1000 + seed, math.ceil(FREEZE_AT * steps), assignment)
+    draws = _UniformDraws(1000 + seed, math.ceil(FREEZE_AT * _steps(splits, epochs)), assignment)
     return {**_train(searchable, splits, seed, epochs, [draws]), "policy": assignment,
             "bops": cost.bops(searchable)}
 
@@ -595,7 +599,7 @@ def _comparison_budget(summaries) -> tuple[str, dict[str, float]]:
 
 
 def _is_control(group: str) -> bool:
-    family = group.split(" @")[0]
+    family = _family(group)
     return family == f"{RETRAINED} retrained" or family.endswith(DRAWN)
 
 
