@@ -1,8 +1,9 @@
 """Test accuracy against BOPs: FLIQS against uniform QAT, random search, a
 post-training sensitivity search and HGQ2, on the offline digits.
 
-Every method trains the same model (`models.digits_resnet`) from the same
-initial weights of each seed, for the same epochs with the same schedule
+Every method trains the same model (`--model`: `models.digits_resnet`, or
+`models.digits_mobilenet`, whose cheap depthwise layers leave a mixed policy
+more room) from the same initial weights of each seed, for the same epochs with the same schedule
 (Adam, cosine decay from 2e-3), on the same training split;
 the controller's held-out slice is taken out of the training split for all of
 them. Per seed:
@@ -29,7 +30,9 @@ them. Per seed:
 * at the comparison budget (below): a random policy at that BOPs (±5%), then
   the same QAT; the post-training search (per-layer sensitivity of the
   trained float model on the held-out slice, then the assignment of least
-  summed sensitivity within the budget, found exhaustively), evaluated both
+  summed sensitivity within the budget, found exhaustively for digits_resnet
+  and by `fliqs_keras.budget`'s local search for digits_mobilenet's 4^16
+  policies), evaluated both
   as post-training quantization and after the same QAT; progressive QAT
   (uniform in the dearest integer format within the budget, after the
   integer formats above it in equal shares of the first 3/4 of the epochs,
@@ -66,9 +69,13 @@ run from before the re-estimation is run again for it (its earlier accuracy
 is kept as `accuracy_when_first_run`: the runs are deterministic).
 
 Each finished run is appended to a resume file, so an interrupted benchmark
-goes on where it stopped.
+goes on where it stopped. `--curves=false` runs only what the verdicts at the
+comparison budget need, and `--methods` / `--variants` pick the methods.
 
     .venv/bin/python benchmarks/pareto.py [--datasets=mnist,digits8] [--seeds=0,1,2]
+    .venv/bin/python benchmarks/pareto.py --model=digits_mobilenet --datasets=mnist --curves=false \
+        --methods=uniform,random,sensitivity,fliqs --variants=fliqs-loss-budget,fliqs-budget \
+        --more_seeds_at_budget=
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fliqs_keras  # noqa: E402
+from fliqs_keras import budget as budget_search  # noqa: E402
 from fliqs_keras import cost, data, formats, models  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -101,12 +109,24 @@ flags.DEFINE_list("more_seeds_at_budget", ["3", "4"], "Further seeds for the met
                   "all the seeds, where a 3-seed mean is at the mercy of one collapsed low-bit run.")
 flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "hgq2"],
                   "Methods to run.")
+flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"],
+                 "The model every method trains (`fliqs_keras.models`); each has its own resume files and "
+                 "results (`pareto.json` for digits_resnet, `pareto_<model>.json` for the others).")
+flags.DEFINE_list("variants", ["fliqs-short", "fliqs", "fliqs-h256", "fliqs-loss", "fliqs-budget",
+                                 "fliqs-loss-budget"],
+                  "FLIQS variants to run, in this order (`fliqs`: the default settings in the three search "
+                  "spaces).")
+flags.DEFINE_bool("curves", True, "Also the accuracy-BOPs curves: every uniform format, FLIQS at three targets "
+                  "per space, the baselines at uniform INT3's BOPs. Off: only what the comparison budget's "
+                  "verdicts need (uniform INT2, INT3, INT4, INT8 and the methods at that budget).")
 flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
 flags.DEFINE_integer("epochs", None, "Epochs of every run (default: 8 for mnist, 20 for digits8).")
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON, the PNG and the resume files go.")
 
 EPOCHS = {"mnist": 8, "digits8": 20}
 UNIFORM = ("fp32", "int2", "int3", "int4", "int8", "e4m3", "e2m1")
+# The uniform formats that choose the comparison budget.
+LADDER = ("int2", "int3", "int4", "int8")
 SPACES = {
     "int": ("int2", "int3", "int4", "int8"),
     "fp": ("e2m1", "e2m3", "e4m3"),
@@ -143,6 +163,13 @@ ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 REESTIMATED = "accuracy_bn_reestimated"
 CALIBRATION_BATCHES = 8
+# The sensitivity baseline's assignment is exhaustive up to this many policies.
+EXHAUSTIVE = 4 ** 10
+
+
+def _stem() -> str:
+    """The name of the results and resume files: the first model's keep their names from before the flag."""
+    return "pareto" if FLAGS.model == "digits_resnet" else f"pareto_{FLAGS.model}"
 
 
 def _epochs(dataset: str) -> int:
@@ -163,7 +190,7 @@ def _splits(dataset: str):
 def _build(dataset: str, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     shape = (28, 28, 1) if dataset == "mnist" else (8, 8, 1)
-    return models.digits_resnet(shape)
+    return getattr(models, FLAGS.model)(shape)
 
 
 def _compile(model, steps=1):
@@ -350,11 +377,18 @@ def run_sensitivity(dataset, splits, seed, budget):
             sensitivity[row, column] = float(searchable.evaluate(x_held, y_held, verbose=0)[0]) - reference
         fliqs_keras.set_formats(searchable, {name: "fp32"})
     per_choice = np.stack([table[c] for c in choices])
-    grid = np.array(list(itertools.product(range(len(choices)), repeat=len(names))))
     columns = np.arange(len(names))
-    totals = per_choice[grid, columns].sum(axis=1)
-    penalty = np.where(totals <= budget, sensitivity[grid, columns].sum(axis=1), np.inf)
-    best = grid[int(np.argmin(penalty))]
+    if len(choices) ** len(names) <= EXHAUSTIVE:
+        grid = np.array(list(itertools.product(range(len(choices)), repeat=len(names))))
+        totals = per_choice[grid, columns].sum(axis=1)
+        penalty = np.where(totals <= budget, sensitivity[grid, columns].sum(axis=1), np.inf)
+        best = grid[int(np.argmin(penalty))]
+    else:
+        # Too many to list (4^16 for digits_mobilenet): the least summed sensitivity is the most
+        # probable policy with the sensitivities as negative log-probabilities, which the
+        # budget module's local search finds within the budget.
+        best = budget_search.most_probable_within(-sensitivity.T, np.ones(sensitivity.T.shape, bool),
+                                                  lambda p: per_choice[p, columns].sum(axis=1), budget)
     assignment = {n: choices[i] for n, i in zip(names, best)}
     fliqs_keras.set_formats(searchable, assignment)
     ptq_accuracy = float(searchable.evaluate(x_test, y_test, verbose=0)[1])
@@ -452,7 +486,7 @@ def benchmark(dataset: str) -> dict:
     seeds = [int(s) for s in FLAGS.seeds]
     output_dir = pathlib.Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    runs = Runs(output_dir / f".pareto_{dataset}_runs.jsonl")
+    runs = Runs(output_dir / f".{_stem()}_{dataset}_runs.jsonl")
     costs = cost.CostModel(fliqs_keras.apply(_build(dataset, 0), list(SPACES["int+fp"])), "bops")
     uniform_bops = {f: costs.uniform(f) for f in UNIFORM}
     groups: dict[str, list[dict]] = {}
@@ -477,7 +511,7 @@ def benchmark(dataset: str) -> dict:
             into=into)
 
     if "uniform" in FLAGS.methods:
-        for fmt in UNIFORM:
+        for fmt in UNIFORM if FLAGS.curves else LADDER:
             for seed in seeds:
                 uniform(fmt, seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
@@ -485,7 +519,7 @@ def benchmark(dataset: str) -> dict:
     budget = costs.target(budget_format)
     reference = budget_format.split("*")[0]
     # Uniform INT3's budget too, when it is not the comparison budget: where the mixing has more room.
-    budgets = [budget_format] + [b for b in ALSO_COMPARED if b != budget_format]
+    budgets = [budget_format] + [b for b in ALSO_COMPARED if b != budget_format and FLAGS.curves]
 
     # Baselines first, then the search spaces in order of interest: a cut-short run keeps what matters.
     baselines = {"random": run_random, "sensitivity": run_sensitivity, "progressive": run_progressive,
@@ -501,11 +535,11 @@ def benchmark(dataset: str) -> dict:
         searches = [("fliqs", space, {}, TARGETS[space]) for space in SPACES]
         searches += [(variant, BASELINE_SPACE, options, TARGETS[BASELINE_SPACE][:2])
                      for variant, options in VARIANTS.items()]
-        searches.sort(key=lambda search: search[0] != "fliqs-short")
+        searches = sorted((s for s in searches if s[0] in FLAGS.variants), key=lambda s: FLAGS.variants.index(s[0]))
         work = [(variant, space, options, budget_format) for variant, space, options, _ in searches
                 if min(costs.uniform(f) for f in SPACES[space]) <= budget]
         work += [(variant, space, options, target) for variant, space, options, targets in searches
-                 for target in targets if target != budget_format]
+                 for target in targets if target != budget_format and FLAGS.curves]
         for variant, space, options, target in work:
             for seed in seeds:
                 search(variant, space, options, target, seed)
@@ -719,7 +753,7 @@ def _plot(results, path):
     figure, axes = plt.subplots(rows, len(results), figsize=(6.5 * len(results), 4.8 * rows), squeeze=False)
     for column, result in enumerate(results):
         _panel(axes[0][column], result["summaries"], result["comparison_bops"],
-               f"{result['dataset']}: digits_resnet, {result['epochs']} epochs, as trained; "
+               f"{result['dataset']}: {FLAGS.model}, {result['epochs']} epochs, as trained; "
                f"dotted: the comparison budget, {result['comparison_budget']} BOPs")
         reestimated = result["verdict_with_batch_norm_reestimation"]
         if rows > 1 and reestimated:
@@ -736,10 +770,10 @@ def main(argv):
     del argv
     results = [benchmark(dataset) for dataset in FLAGS.datasets]
     output_dir = pathlib.Path(FLAGS.output_dir)
-    payload = {"benchmark": "pareto", "model": "fliqs_keras.models.digits_resnet", "seeds": FLAGS.seeds,
+    payload = {"benchmark": "pareto", "model": f"fliqs_keras.models.{FLAGS.model}", "seeds": FLAGS.seeds,
                "batch_size": FLAGS.batch_size, "spaces": SPACES, "targets": TARGETS, "results": results}
-    (output_dir / "pareto.json").write_text(json.dumps(payload, indent=2))
-    _plot(results, output_dir / "pareto.png")
+    (output_dir / f"{_stem()}.json").write_text(json.dumps(payload, indent=2))
+    _plot(results, output_dir / f"{_stem()}.png")
     for result in results:
         print(json.dumps({"dataset": result["dataset"], "comparison_budget": result["comparison_budget"],
                           "verdict": result["verdict"],

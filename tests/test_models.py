@@ -81,3 +81,18 @@ def test_digits_resnet_spreads_its_cost_unevenly():
     assert macs["stem_conv"] < 0.03 * sum(macs.values()) and macs["logits"] == 480
     with pytest.raises(ValueError, match="width must be > 0"):
         models.digits_resnet(width=0)
+
+
+def test_digits_mobilenet_puts_a_sixth_of_its_cost_in_cheap_sensitive_layers():
+    """The second Pareto model: expansions and projections carry the MACs; the stem and the depthwise
+    convolutions, each far cheaper, share about a sixth of them."""
+    model = models.digits_mobilenet()
+    assert model(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
+    costs = fliqs_keras.cost.layer_costs(fliqs_keras.apply(model, "int8"))
+    macs = {entry.path: entry.macs for entry in costs}
+    assert len(macs) == 16 and sum(macs.values()) == 2_567_456
+    cheap = sum(v for k, v in macs.items() if k.endswith("_depthwise") or k == "stem_conv")
+    assert 0.15 < cheap / sum(macs.values()) < 0.17
+    assert max(v for k, v in macs.items() if k.endswith("_depthwise")) < 0.05 * sum(macs.values())
+    with pytest.raises(ValueError, match="width must be > 0"):
+        models.digits_mobilenet(width=0)

@@ -1,18 +1,25 @@
 """Small models for the offline digits (28x28 MNIST, 8x8 scikit-learn digits).
 
-`digits_resnet` is the benchmark model: its layers differ in cost and in
-sensitivity, so there is room for a mixed-precision policy to beat a uniform
-one. The stem (one input channel), the 1x1 projections and the classifier are
-cheap and sensitive; the 3x3 convolutions of the two residual blocks carry
-nearly all the MACs. `small_cnn` is the two-convolution CNN of the tests,
-where uniform INT4 already matches INT8.
+`digits_resnet` and `digits_mobilenet` are the benchmark models: their
+layers differ in cost and in sensitivity, so there is room for a
+mixed-precision policy to beat a uniform one. In `digits_resnet` the stem (one
+input channel), the 1x1 projections and the classifier are cheap and
+sensitive, and the 3x3 convolutions of the two residual blocks carry nearly all
+the MACs. In `digits_mobilenet` the depthwise convolutions (9 MACs per output,
+one input channel each) are cheap and sensitive and the 1x1 expansions and
+projections carry most of the MACs, as in MobileNetV2. `small_cnn` is the
+two-convolution CNN of the tests, where uniform INT4 already matches INT8.
 """
 
 from __future__ import annotations
 
 import keras
 
+from fliqs_keras.models.mobilenet_v2 import _inverted_residual
 from fliqs_keras.models.resnet import _basic_block, _channels, _conv_bn
+
+# (expansion, output channels, stride) of each inverted-residual block of `digits_mobilenet`.
+MOBILE_BLOCKS = ((1, 16, 2), (4, 24, 1), (4, 32, 2), (4, 32, 1), (4, 64, 1))
 
 
 def digits_resnet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0) -> keras.Model:
@@ -29,6 +36,26 @@ def digits_resnet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(classes, name="logits")(x)
     return keras.Model(inputs, outputs, name="digits_resnet")
+
+
+def digits_mobilenet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0) -> keras.Model:
+    """A 3x3 stem of 16 channels, then five MobileNetV2 inverted-residual blocks (`MOBILE_BLOCKS`).
+
+    About 2.6 M MACs at 28x28 with width 1, a tenth of them in the stem and
+    the depthwise convolutions; 17 quantized layers. The classifier outputs
+    logits.
+    """
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}.")
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(_channels(16, width), 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    for block, (expansion, channels, stride) in enumerate(MOBILE_BLOCKS):
+        x = _inverted_residual(x, expansion, _channels(channels, width), stride, f"block{block}")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="digits_mobilenet")
 
 
 def small_cnn(input_shape=(28, 28, 1), classes: int = 10) -> keras.Model:
