@@ -790,7 +790,7 @@ def _plot(results, path):
     figure, axes = plt.subplots(rows, len(results), figsize=(6.5 * len(results), 4.8 * rows), squeeze=False)
     for column, result in enumerate(results):
         _panel(axes[0][column], result["summaries"], result["comparison_bops"],
-               f"{result['dataset']}: {FLAGS.model}, {result['epochs']} epochs, as trained; "
+               f"{result['dataset']}: {FLAGS.model}, {result['epochs']} epochs, as trained;\n"
                f"dotted: the comparison budget, {result['comparison_budget']} BOPs")
         reestimated = result["verdict_with_batch_norm_reestimation"]
         if rows > 1 and reestimated:

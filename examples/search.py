@@ -37,7 +37,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-MODELS = ("digits_resnet", "small_cnn", "resnet18", "resnet50", "mobilenet_v2", "vit")
+MODELS = ("digits_resnet", "digits_mobilenet", "small_cnn", "resnet18", "resnet50", "mobilenet_v2", "vit")
 DATASETS = ("mnist", "digits8", "cifar10", "imagenet2012")
 STRATEGIES = ("default", "mirrored", "tpu")
 flags.DEFINE_enum("model", "digits_resnet", MODELS, "Model from fliqs_keras.models.")
