@@ -3,8 +3,8 @@ post-training sensitivity search and HGQ2, on the offline digits.
 
 Every method trains the same model (`--model`: `models.digits_resnet`, or
 `models.digits_mobilenet`, whose cheap depthwise layers leave a mixed policy
-more room) from the same initial weights of each seed, for the same epochs with the same schedule
-(Adam, cosine decay from 2e-3), on the same training split;
+more room) from the same initial weights of each seed, for the same epochs
+with the same schedule (Adam, cosine decay from 2e-3), on the same training split;
 the controller's held-out slice is taken out of the training split for all of
 them. Per seed:
 
@@ -110,10 +110,10 @@ flags.DEFINE_list("more_seeds_at_budget", ["3", "4"], "Further seeds for the met
 flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "hgq2"],
                   "Methods to run.")
 flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"],
-                 "The model every method trains (`fliqs_keras.models`); each has its own resume files and "
-                 "results (`pareto.json` for digits_resnet, `pareto_<model>.json` for the others).")
+                  "The model every method trains (`fliqs_keras.models`); each has its own resume files and "
+                  "results (`pareto.json` for digits_resnet, `pareto_<model>.json` for the others).")
 flags.DEFINE_list("variants", ["fliqs-short", "fliqs", "fliqs-h256", "fliqs-loss", "fliqs-budget",
-                                 "fliqs-loss-budget"],
+                               "fliqs-loss-budget"],
                   "FLIQS variants to run, in this order (`fliqs`: the default settings in the three search "
                   "spaces).")
 flags.DEFINE_bool("curves", True, "Also the accuracy-BOPs curves: every uniform format, FLIQS at three targets "
@@ -155,6 +155,8 @@ VARIANTS = {
     "fliqs-budget": {"freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
     "fliqs-loss-budget": {"quality": "loss", "freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
 }
+flags.register_validator("variants", lambda names: set(names) <= {"fliqs", *VARIANTS},
+                         f"--variants takes names of {['fliqs', *VARIANTS]}.")
 INT2_ROOM = 1.1
 # The controls, not methods (so not baselines in the verdicts): this variant's kept policies,
 # trained again from scratch with plain QAT; and the random baseline's policies and the uniform
@@ -572,7 +574,8 @@ def benchmark(dataset: str) -> dict:
         searches = [("fliqs", space, {}, TARGETS[space]) for space in SPACES]
         searches += [(variant, BASELINE_SPACE, options, TARGETS[BASELINE_SPACE][:2])
                      for variant, options in VARIANTS.items()]
-        searches = sorted((s for s in searches if s[0] in FLAGS.variants), key=lambda s: FLAGS.variants.index(s[0]))
+        searches = sorted((s for s in searches if s[0] in FLAGS.variants),
+                          key=lambda s: FLAGS.variants.index(s[0]))
         work = [(variant, space, options, budget_format) for variant, space, options, _ in searches
                 if min(costs.uniform(f) for f in SPACES[space]) <= budget]
         work += [(variant, space, options, target) for variant, space, options, targets in searches

@@ -16,4 +16,5 @@ from fliqs_keras.models.mobilenet_v2 import mobilenet_v2
 from fliqs_keras.models.resnet import resnet18, resnet50
 from fliqs_keras.models.vit import ClassTokenAndPosition, vit
 
-__all__ = ["ClassTokenAndPosition", "digits_mobilenet", "digits_resnet", "mobilenet_v2", "resnet18", "resnet50", "small_cnn", "vit"]
+__all__ = ["ClassTokenAndPosition", "digits_mobilenet", "digits_resnet", "mobilenet_v2", "resnet18", "resnet50",
+           "small_cnn", "vit"]
