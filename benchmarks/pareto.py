@@ -332,12 +332,16 @@ def _random_policy(dataset, seed, budget) -> dict[str, str]:
     per_choice = np.stack([table[c] for c in choices])  # [choices, layers]
     rng = np.random.default_rng(seed)
     columns = np.arange(len(names))
+
+    def within(draws):
+        return np.flatnonzero(np.abs(per_choice[draws, columns].sum(axis=1) / budget - 1) <= RANDOM_TOLERANCE)
+
     draws = rng.integers(0, len(choices), size=(200_000, len(names)))
-    close = np.flatnonzero(np.abs(per_choice[draws, columns].sum(axis=1) / budget - 1) <= RANDOM_TOLERANCE)
+    close = within(draws)
     if not len(close):
         cumulative = np.cumsum(_tilted(per_choice, budget), axis=0)
         draws = (rng.random((200_000, 1, len(names))) > cumulative[None]).sum(axis=1).clip(max=len(choices) - 1)
-        close = np.flatnonzero(np.abs(per_choice[draws, columns].sum(axis=1) / budget - 1) <= RANDOM_TOLERANCE)
+        close = within(draws)
     if not len(close):
         raise RuntimeError(f"No random policy within {RANDOM_TOLERANCE:.0%} of {budget:.4g} BOPs in 200,000 draws.")
     return {n: choices[i] for n, i in zip(names, draws[close[0]])}
