@@ -11,14 +11,17 @@ them. Per seed:
 * uniform QAT in fp32 (the float model), INT2, INT3, INT4, INT8, E4M3, E2M1;
 * FLIQS with integer-only, FP-only and INT+FP choices, each at three BOPs
   targets it can reach and at the comparison budget (quality: held-out
-  accuracy, 16 examples a step), and with integer-only choices in five
+  accuracy, 16 examples a step), and with integer-only choices in seven
   variants: 256 held-out examples a step (TuNAS's setting), the training
   batch's loss as the quality (`quality="loss"`), settings for short runs
   (`fliqs-short`: the loss as the quality, 10% warm-up, policy learning
   rate 0.1, the formats frozen at 75% of the steps), and the default and
   loss settings with the budget held (`fliqs-budget`, `fliqs-loss-budget`:
   at 75% of the steps the most probable policy within the target is kept,
-  ``max_cost_ratio=1``, and trained alone for the rest of the run); and, as a
+  ``max_cost_ratio=1``, and trained alone for the rest of the run), and the
+  loss-budget and short settings with four times the cost weight
+  (`fliqs-loss-budget-beta4`, `fliqs-short-beta4`: ``beta=4``, the budget
+  held, so that the learned policy itself fits the budget); and, as a
   control, the `fliqs-loss-budget` policies at the comparison budget trained
   again from scratch with plain QAT (``... retrained``: the same policy
   without the search's training); and, as the other controls, the random
@@ -113,7 +116,7 @@ flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"
                   "The model every method trains (`fliqs_keras.models`); each has its own resume files and "
                   "results (`pareto.json` for digits_resnet, `pareto_<model>.json` for the others).")
 flags.DEFINE_list("variants", ["fliqs-short", "fliqs", "fliqs-h256", "fliqs-loss", "fliqs-budget",
-                               "fliqs-loss-budget"],
+                               "fliqs-loss-budget", "fliqs-loss-budget-beta4", "fliqs-short-beta4"],
                   "FLIQS variants to run, in this order (`fliqs`: the default settings in the three search "
                   "spaces).")
 flags.DEFINE_bool("curves", True, "Also the accuracy-BOPs curves: every uniform format, FLIQS at three targets "
@@ -154,6 +157,14 @@ VARIANTS = {
     # probable policy within the target is kept and trained for the rest of the run.
     "fliqs-budget": {"freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
     "fliqs-loss-budget": {"quality": "loss", "freeze_at": FREEZE_AT, "max_cost_ratio": 1.0},
+    # The loss variant with the budget held and four times the cost weight: an overspend of 10%
+    # then outweighs the loss gap between most policies near the budget, so that the learned
+    # policy, not only the one kept at the freeze, fits the budget.
+    "fliqs-loss-budget-beta4": {"quality": "loss", "freeze_at": FREEZE_AT, "max_cost_ratio": 1.0, "beta": 4.0},
+    # The weight alone leaves the policy unsettled at the freeze (its argmax over the budget):
+    # with fliqs-short's faster policy too, it should settle on a policy at the budget.
+    "fliqs-short-beta4": {"quality": "loss", "warmup": 0.1, "learning_rate": 0.1, "freeze_at": FREEZE_AT,
+                          "max_cost_ratio": 1.0, "beta": 4.0},
 }
 flags.register_validator("variants", lambda names: set(names) <= {"fliqs", *VARIANTS},
                          f"--variants takes names of {['fliqs', *VARIANTS]}.")
@@ -725,6 +736,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-h256 int": ("tab:olive", "D"),
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
+         "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
