@@ -1,0 +1,105 @@
+"""The Pareto benchmark's verdict logic: the code that says whether the target is met.
+
+`benchmarks/pareto.py` trains for hours; these tests give its comparison-budget
+rule, its verdict and its tilted random draws made-up summaries and costs, whose
+right answers are worked out by hand here.
+"""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pareto():
+    spec = importlib.util.spec_from_file_location("pareto", ROOT / "benchmarks" / "pareto.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(accuracies, bops):
+    return [{"accuracy": a, "bops": b} for a, b in zip(accuracies, bops)]
+
+
+def _ladder(pareto, int4, int3, int2, int8=(0.960, 0.962, 0.964)):
+    bops = {"int2": 10.0, "int3": 22.5, "int4": 40.0, "int8": 160.0}
+    return {f"uniform {name}": pareto._summary(_rows(accuracies, [bops[name]] * 3))
+            for name, accuracies in (("int4", int4), ("int3", int3), ("int2", int2), ("int8", int8))}
+
+
+def test_comparison_budget_is_the_first_format_whose_gap_to_int8_is_three_spreads(pareto):
+    # INT4 and INT3 sit within noise of INT8; INT2 is 6 points below with a spread of 1.
+    summaries = _ladder(pareto, int4=(0.955, 0.965, 0.960), int3=(0.945, 0.960, 0.950),
+                        int2=(0.890, 0.900, 0.910))
+    budget, gaps = pareto._comparison_budget(summaries)
+    assert budget == f"int2*{pareto.INT2_ROOM}"
+    assert gaps["int4"] < 3 and gaps["int3"] < 3
+    assert gaps["int2"] == pytest.approx((0.962 - 0.900) / 0.01, rel=1e-6)
+
+    # A clear INT4 gap: compared there, INT3 and INT2 not looked at.
+    summaries = _ladder(pareto, int4=(0.900, 0.901, 0.902), int3=(0.8, 0.8, 0.8), int2=(0.5, 0.5, 0.5))
+    budget, gaps = pareto._comparison_budget(summaries)
+    assert budget == "int4" and set(gaps) == {"int4"}
+
+
+def _at_budget(pareto, fliqs_accuracies, fliqs_bops):
+    budget = 11.0
+    summaries = _ladder(pareto, int4=(0.95,) * 3, int3=(0.94,) * 3, int2=(0.895, 0.900, 0.905),
+                        int8=(0.955, 0.960, 0.965))
+    summaries.update({
+        "random @int2*1.1": pareto._summary(_rows((0.915, 0.920, 0.925), (10.5, 10.8, 11.2))),
+        # Off the budget by far: shown, not compared.
+        "hgq2 @int2*1.1": pareto._summary(_rows((0.97, 0.97, 0.97), (90.0, 95.0, 100.0))),
+        # A control: FLIQS's margin over it is given, but it is not a baseline.
+        f"random {pareto.DRAWN} @int2*1.1": pareto._summary(_rows((0.99, 0.99, 0.99), (10.5, 10.8, 11.2))),
+        "fliqs-loss-budget int @int2*1.1": pareto._summary(_rows(fliqs_accuracies, fliqs_bops)),
+    })
+    return pareto._verdict(summaries, "int2*1.1", budget)["fliqs-loss-budget int"], budget
+
+
+def test_verdict_meets_the_target_above_every_baseline_with_75_percent_within_budget(pareto):
+    verdict, _ = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 11.0, 12.0))
+    # Gap INT2 -> INT8: 0.96 - 0.90 = 0.06; FLIQS at 0.95 recovers 5/6 of it.
+    assert verdict["gap_recovered"] == pytest.approx(5 / 6, rel=1e-6)
+    assert set(verdict["margin_over_baselines"]) == {"uniform int2", "random @int2*1.1"}
+    assert verdict["margin_over_baselines"]["random @int2*1.1"] == pytest.approx(0.03, abs=1e-9)
+    assert verdict["largest_spread"] == pytest.approx(0.005, rel=1e-6)
+    assert list(verdict["margin_over_controls"]) == [f"random {pareto.DRAWN} @int2*1.1"]
+    assert verdict["above_every_baseline_by_more_than_spread"]
+    assert verdict["every_seed_within_110_percent_of_budget"]
+    assert verdict["target_met"]
+
+
+def test_verdict_fails_for_one_seed_over_the_budget_or_a_small_recovery(pareto):
+    # One seed at 12.2 > 1.1 x 11: the mean is within, the seed is not.
+    verdict, _ = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 10.0, 12.2))
+    assert not verdict["every_seed_within_110_percent_of_budget"] and not verdict["target_met"]
+    # Above every baseline by more than the spread, but only 70% of the gap.
+    verdict, _ = _at_budget(pareto, (0.937, 0.942, 0.947), (10.0, 11.0, 12.0))
+    assert verdict["above_every_baseline_by_more_than_spread"]
+    assert verdict["gap_recovered"] == pytest.approx(0.7, rel=1e-6)
+    assert not verdict["recovers_75_percent"] and not verdict["target_met"]
+
+
+def test_tilted_draws_hit_the_budget_in_expectation(pareto):
+    # 3 layers x 4 choices (rows: choices), as the benchmark's [choices, layers] table.
+    per_choice = np.array([[1.0, 2.0, 4.0], [2.25, 4.5, 9.0], [4.0, 8.0, 16.0], [16.0, 32.0, 64.0]])
+    budget = 1.1 * per_choice.min(axis=0).sum()
+    p = pareto._tilted(per_choice, budget)
+    np.testing.assert_allclose(p.sum(axis=0), 1.0, rtol=1e-12)
+    assert (p * per_choice).sum() == pytest.approx(budget, rel=1e-9)
+    # Cheaper choices are likelier in every layer.
+    assert np.all(np.diff(p, axis=0) < 0)
+    # At the expected cost of uniform draws, no tilt is needed: uniform probabilities.
+    np.testing.assert_allclose(pareto._tilted(per_choice, per_choice.mean(axis=0).sum()), 0.25, atol=1e-6)
+
+
+def test_tilted_draws_refuse_a_budget_below_the_cheapest_policy(pareto):
+    per_choice = np.array([[1.0, 2.0], [4.0, 8.0]])
+    with pytest.raises(ValueError, match=r"No policy costs less than 2.9 BOPs: the cheapest costs 3"):
+        pareto._tilted(per_choice, 2.9)
