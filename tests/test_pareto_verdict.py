@@ -59,11 +59,11 @@ def _at_budget(pareto, fliqs_accuracies, fliqs_bops):
         f"random {pareto.DRAWN} @int2*1.1": pareto._summary(_rows((0.99, 0.99, 0.99), (10.5, 10.8, 11.2))),
         "fliqs-loss-budget int @int2*1.1": pareto._summary(_rows(fliqs_accuracies, fliqs_bops)),
     })
-    return pareto._verdict(summaries, "int2*1.1", budget)["fliqs-loss-budget int"], budget
+    return pareto._verdict(summaries, "int2*1.1", budget)["fliqs-loss-budget int"]
 
 
 def test_verdict_meets_the_target_above_every_baseline_with_75_percent_within_budget(pareto):
-    verdict, _ = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 11.0, 12.0))
+    verdict = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 11.0, 12.0))
     # Gap INT2 -> INT8: 0.96 - 0.90 = 0.06; FLIQS at 0.95 recovers 5/6 of it.
     assert verdict["gap_recovered"] == pytest.approx(5 / 6, rel=1e-6)
     assert set(verdict["margin_over_baselines"]) == {"uniform int2", "random @int2*1.1"}
@@ -77,10 +77,10 @@ def test_verdict_meets_the_target_above_every_baseline_with_75_percent_within_bu
 
 def test_verdict_fails_for_one_seed_over_the_budget_or_a_small_recovery(pareto):
     # One seed at 12.2 > 1.1 x 11: the mean is within, the seed is not.
-    verdict, _ = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 10.0, 12.2))
+    verdict = _at_budget(pareto, (0.945, 0.950, 0.955), (10.0, 10.0, 12.2))
     assert not verdict["every_seed_within_110_percent_of_budget"] and not verdict["target_met"]
     # Above every baseline by more than the spread, but only 70% of the gap.
-    verdict, _ = _at_budget(pareto, (0.937, 0.942, 0.947), (10.0, 11.0, 12.0))
+    verdict = _at_budget(pareto, (0.937, 0.942, 0.947), (10.0, 11.0, 12.0))
     assert verdict["above_every_baseline_by_more_than_spread"]
     assert verdict["gap_recovered"] == pytest.approx(0.7, rel=1e-6)
     assert not verdict["recovers_75_percent"] and not verdict["target_met"]
