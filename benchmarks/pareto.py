@@ -72,7 +72,9 @@ run from before the re-estimation is run again for it (its earlier accuracy
 is kept as `accuracy_when_first_run`: the runs are deterministic).
 
 Each finished run is appended to a resume file, so an interrupted benchmark
-goes on where it stopped. `--curves=false` runs only what the verdicts at the
+goes on where it stopped. A fresh clone has no resume files (they are not kept
+in git); `--resume_from_results` starts them from the runs in the results JSON,
+which holds every run it reports. `--curves=false` runs only what the verdicts at the
 comparison budget need, and `--methods` / `--variants` pick the methods.
 
     .venv/bin/python benchmarks/pareto.py [--datasets=mnist,digits8] [--seeds=0,1,2]
@@ -127,6 +129,10 @@ flags.DEFINE_bool("controls", True, "Also the controls (the kept FLIQS policies 
 flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
 flags.DEFINE_integer("epochs", None, "Epochs of every run (default: 8 for mnist, 20 for digits8).")
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON, the PNG and the resume files go.")
+flags.DEFINE_bool("resume_from_results", False, "A dataset without a resume file starts one from the runs in "
+                  "the results JSON in --output_dir (the last full run's, kept in git), so that a fresh clone "
+                  "adds seeds or variants, or recombines the verdicts, without training again what the JSON "
+                  "holds. The runs are deterministic: a stored run is what training it again gives.")
 
 EPOCHS = {"mnist": 8, "digits8": 20}
 UNIFORM = ("fp32", "int2", "int3", "int4", "int8", "e4m3", "e2m1")
@@ -501,8 +507,14 @@ def run_hgq2(dataset, splits, seed, budget):
 class Runs:
     """The finished runs of one dataset, kept in a JSON-lines resume file."""
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, stored=None):
+        """`stored`: a results JSON (`main`'s payload) whose runs start the resume file when there is none."""
         self.path = path
+        if not path.exists() and stored is not None:
+            rows = stored_runs(stored["payload"], stored["dataset"])
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            logging.info("%s: started from the %d runs of %s in the results JSON.", path, len(rows),
+                         stored["dataset"])
         self.rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def get(self, key):
@@ -532,6 +544,22 @@ class Runs:
         return row
 
 
+def stored_runs(payload: dict, dataset: str) -> list[dict]:
+    """The runs of `dataset` in a results JSON, each once, in the order the JSON lists them.
+
+    Each group's rows are the runs as the resume file held them (the uniform
+    ones with their BOPs added); `more_seed_runs` repeats some of them.
+    """
+    results = [r for r in payload["results"] if r["dataset"] == dataset]
+    rows = {}
+    for result in results:
+        for groups in (result["runs"], result.get("more_seed_runs", {})):
+            for group_rows in groups.values():
+                for row in group_rows:
+                    rows.setdefault(row["key"], row)
+    return list(rows.values())
+
+
 def _summary(rows):
     accuracies = [r["accuracy"] for r in rows]
     bops = [r["bops"] for r in rows]
@@ -545,7 +573,11 @@ def benchmark(dataset: str) -> dict:
     seeds = [int(s) for s in FLAGS.seeds]
     output_dir = pathlib.Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    runs = Runs(output_dir / f".{_stem()}_{dataset}_runs.jsonl")
+    results_path = output_dir / f"{_stem()}.json"
+    stored = None
+    if FLAGS.resume_from_results and results_path.exists():
+        stored = {"payload": json.loads(results_path.read_text()), "dataset": dataset}
+    runs = Runs(output_dir / f".{_stem()}_{dataset}_runs.jsonl", stored)
     costs = cost.CostModel(fliqs_keras.apply(_build(dataset, 0), list(SPACES["int+fp"])), "bops")
     uniform_bops = {f: costs.uniform(f) for f in UNIFORM}
     groups: dict[str, list[dict]] = {}

@@ -1,11 +1,13 @@
-"""The Pareto benchmark's verdict logic: the code that says whether the target is met.
+"""The Pareto benchmark's verdict logic (the code that says whether the target is met) and its resume.
 
 `benchmarks/pareto.py` trains for hours; these tests give its comparison-budget
 rule, its verdict and its tilted random draws made-up summaries and costs, whose
-right answers are worked out by hand here.
+right answers are worked out by hand here, and check that a fresh clone resumes
+from the runs stored in a results JSON.
 """
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -103,3 +105,37 @@ def test_tilted_draws_refuse_a_budget_below_the_cheapest_policy(pareto):
     per_choice = np.array([[1.0, 2.0], [4.0, 8.0]])
     with pytest.raises(ValueError, match=r"No policy costs less than 2.9 BOPs: the cheapest costs 3"):
         pareto._tilted(per_choice, 2.9)
+
+
+def _payload(*results):
+    return {"benchmark": "pareto", "results": list(results)}
+
+
+def _result(dataset, runs, more=None):
+    return {"dataset": dataset, "runs": runs, "more_seed_runs": more or {}}
+
+
+def test_stored_runs_are_each_run_of_the_dataset_once(pareto):
+    first = {"key": "uniform/int2/0", "accuracy": 0.9, "bops": 10.0}
+    later = {"key": "uniform/int2/3", "accuracy": 0.8, "bops": 10.0}
+    search = {"key": "fliqs/int/int3/0", "accuracy": 0.95, "bops": 20.0, "policy": {"stem": "int8"}}
+    payload = _payload(
+        _result("mnist", {"uniform int2": [first], "fliqs int @int3": [search]}, {"uniform int2": [first, later]}),
+        _result("digits8", {"uniform int2": [{"key": "uniform/int2/0", "accuracy": 0.5, "bops": 1.0}]}))
+    assert pareto.stored_runs(payload, "mnist") == [first, search, later]
+    assert pareto.stored_runs(payload, "digits8")[0]["accuracy"] == 0.5
+    assert pareto.stored_runs(payload, "cifar10") == []
+
+
+def test_a_missing_resume_file_starts_from_the_results_json_and_an_existing_one_wins(pareto, tmp_path):
+    row = {"key": "uniform/int8/0", "accuracy": 0.96, "bops": 160.0}
+    stored = {"payload": _payload(_result("mnist", {"uniform int8": [row]})), "dataset": "mnist"}
+    path = tmp_path / ".pareto_mnist_runs.jsonl"
+    runs = pareto.Runs(path, stored)
+    assert runs.get("uniform/int8/0") == row
+    assert runs.run("uniform/int8/0", pytest.fail) == row  # stored, so not trained again
+    assert pareto.Runs(path).rows == [row]  # written to the resume file
+
+    kept = {"key": "uniform/int8/0", "accuracy": 0.5, "bops": 160.0}
+    path.write_text(json.dumps(kept) + "\n")
+    assert pareto.Runs(path, stored).rows == [kept]
