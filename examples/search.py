@@ -52,6 +52,8 @@ flags.DEFINE_enum("cost", "bops", ["bops", "size", "table"], "Cost metric.")
 flags.DEFINE_string("cost_table", None, "JSON cost table for --cost=table.")
 flags.DEFINE_string("target", "int4", "Cost target: a number, a format (its uniform cost) or format*factor.")
 flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
+flags.DEFINE_enum("cost_credit", "sampled", ["sampled", "exact"], "How the policy learns the cost term: "
+                  "sampled with the quality (REINFORCE, as FLIQS) or exactly per decision (less noise).")
 flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
                    "thousand steps; the paper's 5e-3 suits long ones).")
 flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
@@ -181,7 +183,8 @@ def main(argv):
     search = fliqs_keras.FliqsSearch(
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
         learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
-        freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, seed=FLAGS.seed,
+        freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, cost_credit=FLAGS.cost_credit,
+        seed=FLAGS.seed,
         cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
     callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
     if isinstance(train, tuple):

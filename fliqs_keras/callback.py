@@ -18,6 +18,14 @@ It installs a search step in the model's compiled training step. Each step:
 4. after the warm-up, updates the policy with the reward (`controller.reward`)
    and the entropy penalty of the schedule.
 
+With ``cost_credit="exact"`` the cost term of the reward is not sampled with
+the quality: the cost is a known function of the formats, so each step also
+costs the sample with each decision set to each of its choices (the others as
+drawn), and the controller credits every decision with its exact share of the
+cost term (`controller.policy_gradient`); REINFORCE then carries only the
+quality's noise. The default, ``"sampled"``, is REINFORCE on the whole reward,
+as FLIQS does.
+
 With ``freeze_at < 1`` the search ends early: from that fraction of the steps
 on, every step trains the argmax formats and the policy no longer learns, so
 the chosen formats get the rest of the run to themselves (still one run, no
@@ -63,6 +71,7 @@ from fliqs_keras.cost import CostModel
 from fliqs_keras.search_model import SearchModel, decisions, policy
 
 QUALITIES = ("accuracy", "loss")
+COST_CREDITS = ("sampled", "exact")
 # A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
 SETTLED_NATS = 0.1
 # How far the argmax policy's cost may land from the target before the end of the search says so.
@@ -124,6 +133,10 @@ class FliqsSearch(keras.callbacks.Callback):
             and a freeze, the budget's formats take over at the first
             execution that starts at or after the freeze step (up to k - 1
             steps train the argmax first).
+        cost_credit: ``"sampled"`` (default: REINFORCE on the whole reward, as
+            FLIQS) or ``"exact"`` (the cost term credited to each decision
+            exactly; see the module docstring). ``"exact"`` needs an additive
+            reward (``"absolute"`` or ``"one_sided"``).
         entropy_weight: the maximum of the entropy penalty; `entropy_schedule`
             is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
         learning_rate, baseline_momentum: of the controller (Adam, EMA).
@@ -139,7 +152,7 @@ class FliqsSearch(keras.callbacks.Callback):
     def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
                  reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
-                 freeze_at: float = 1.0, max_cost_ratio: float | None = None,
+                 freeze_at: float = 1.0, max_cost_ratio: float | None = None, cost_credit: str = "sampled",
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
                  learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
                  total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
@@ -157,6 +170,13 @@ class FliqsSearch(keras.callbacks.Callback):
         if max_cost_ratio is not None and not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
             raise ValueError(f"max_cost_ratio must be a number > 0 or None, got {max_cost_ratio}.")
         controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
+        if cost_credit not in COST_CREDITS:
+            raise ValueError(f"Unknown cost_credit {cost_credit!r}; expected one of {COST_CREDITS}.")
+        if cost_credit == "exact" and reward == "multiplicative":
+            raise ValueError("cost_credit='exact' needs a reward whose cost term is added to the quality "
+                             "('absolute' or 'one_sided'); the multiplicative reward scales the quality by "
+                             "the cost, so its cost part cannot be credited apart.")
+        self.cost_credit = cost_credit
         controller_lib.entropy_weight(0, 2, 0, entropy_weight, entropy_schedule)
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}.")
@@ -289,13 +309,33 @@ class FliqsSearch(keras.callbacks.Callback):
                           float("nan"))
         penalty = controller_lib.entropy_weight(step, self.search_steps, self.warmup_steps, self.entropy_max,
                                                 self.entropy_schedule)
-        policy.update(indices, value, penalty, active=ops.logical_not(ops.logical_or(warm, frozen)))
+        active = ops.logical_not(ops.logical_or(warm, frozen))
+        if self.cost_credit == "exact":
+            # The reward is additive: the quality is the sampled part, the cost term the known one.
+            known = controller_lib.reward(0.0, self._alternative_costs(model, indices), self.target, self.beta,
+                                          self.reward_kind)
+            policy.update(indices, ops.where(finite_loss, quality, float("nan")), penalty, active, known)
+        else:
+            policy.update(indices, value, penalty, active=active)
         expected = self.costs.expected_cost(policy.probabilities(), model.decision_names)
         logs = dict(logs)
         logs.update({"reward": value, "quality": quality, "cost_ratio": cost / self.target,
                      "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy()),
                      "searching": ops.cast(ops.logical_not(frozen), "float32")})
         return logs
+
+    def _alternative_costs(self, model, indices):
+        """[decisions, max choices]: the cost of `indices` with decision d set to choice k (the rest as drawn).
+
+        Entries beyond a decision's choices are the sample's own cost (the controller ignores them).
+        """
+        policy = model.controller
+        count, width = len(policy.num_choices), max(policy.num_choices)
+        replaced = np.eye(count, dtype=bool)[:, None, :]  # [d, 1, decisions]: the decision set to k
+        choice = np.arange(width, dtype=np.int32)[None, :, None]  # [1, k, 1]
+        alternatives = ops.where(replaced, choice, ops.cast(indices, "int32")[None, None, :])
+        alternatives = ops.where(policy.valid[:, :, None], alternatives, ops.cast(indices, "int32")[None, None, :])
+        return self.costs.graph_cost(alternatives, model.decision_names)
 
     def _protected_variables(self, model) -> list:
         """Weights and optimizer state restored after a non-finite loss (one replica only:

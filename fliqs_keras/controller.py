@@ -14,7 +14,9 @@ by `BackupAndRestore`.
   step, with no Python in between.
 * Update: REINFORCE with an exponential-moving-average baseline, on the
   analytic gradient of ``-(R - b) log pi(a) + w_H(t) H(pi)``, by Adam
-  (TuNAS defaults: beta1 = 0, beta2 = 0.999, eps = 1e-8). The entropy weight
+  (TuNAS defaults: beta1 = 0, beta2 = 0.999, eps = 1e-8). A part of the
+  reward that is a known function of the formats (the cost term) can instead
+  be credited exactly, decision by decision (`policy_gradient`). The entropy weight
   `w_H` follows a schedule that is zero until the warm-up ends and grows to its
   maximum at the end of training, so that the policy settles on one choice.
   A non-finite reward skips the update and leaves every state untouched.
@@ -69,6 +71,39 @@ def entropy_weight(step, total_steps: int, start_step: int, maximum: float, sche
     else:
         shape = ops.ones_like(progress)
     return maximum * shape * started
+
+
+def policy_gradient(probabilities, indices, advantage, entropy_penalty=0.0, known_rewards=None):
+    """The gradient, with respect to the logits, of the loss that one sample's update descends.
+
+    The loss is ``-(A log pi(a) + E_pi[K]) + w H(pi)``: REINFORCE on the
+    advantage `A` of the sampled part of the reward, and, when
+    `known_rewards` is given, the exact local expectation of the known part:
+    ``known_rewards[d, k]`` is that part with decision d set to choice k and
+    every other decision as sampled, and decision d's gradient is
+    ``-p_dk (K_dk - sum_j p_dj K_dj)``. Averaged over the other decisions'
+    draws this is the exact gradient of ``E_pi[K]``; unlike REINFORCE on the
+    whole reward, it carries no noise from the draw of decision d itself, nor
+    from how the other decisions' draws move the known part.
+
+    Args:
+        probabilities: [decisions, max choices], zero beyond a decision's choices.
+        indices: int [decisions], the sample.
+        advantage: the sampled part of the reward minus its baseline.
+        entropy_penalty: the entropy weight `w`.
+        known_rewards: [decisions, max choices] or None; its entries where the
+            probability is zero are ignored.
+    """
+    p = ops.cast(probabilities, "float32")
+    chosen = ops.one_hot(indices, p.shape[-1])
+    log_p = ops.where(p > 0, ops.log(ops.maximum(p, 1e-30)), 0.0)
+    entropy = -ops.sum(p * log_p, axis=-1, keepdims=True)
+    # d/dz of -(A log pi) + w H, per decision: -A (onehot - p) - w p (log p + H).
+    gradient = -advantage * (chosen - p) - ops.cast(entropy_penalty, "float32") * p * (log_p + entropy)
+    if known_rewards is not None:
+        known = ops.where(p > 0, ops.cast(known_rewards, "float32"), 0.0)
+        gradient = gradient - p * (known - ops.sum(p * known, axis=-1, keepdims=True))
+    return gradient
 
 
 def _uniform_noise(shape, seed, step):
@@ -189,28 +224,35 @@ class Controller(keras.layers.Layer):
 
     # --- learning -------------------------------------------------------------------
 
-    def update(self, indices, reward_value, entropy_penalty=0.0, active=True):
+    def update(self, indices, reward_value, entropy_penalty=0.0, active=True, known_rewards=None):
         """One REINFORCE step for the sample `indices` that earned `reward_value`.
 
+        With `known_rewards` ([decisions, max choices], see `policy_gradient`),
+        `reward_value` is only the sampled part of the reward (the baseline
+        follows that part) and the known part is credited exactly.
+
         Returns the advantage (reward minus the baseline before this update).
-        A non-finite reward changes nothing and counts in `skipped`; with
-        `active` false (a bool tensor, e.g. during warm-up) nothing changes.
+        A non-finite reward (or known reward of a valid choice) changes nothing
+        and counts in `skipped`; with `active` false (a bool tensor, e.g.
+        during warm-up) nothing changes.
         """
         reward_value = ops.cast(reward_value, "float32")
         active = ops.cast(active, "bool")
         is_finite = ops.isfinite(reward_value)
+        if known_rewards is not None:
+            known_rewards = ops.cast(known_rewards, "float32")
+            is_finite = ops.logical_and(is_finite, ops.all(ops.logical_or(ops.isfinite(known_rewards),
+                                                                          ops.logical_not(self._valid))))
+            known_rewards = ops.where(self._valid, known_rewards, 0.0)
+            # A non-finite entry must not reach the gradient even when the update is then discarded.
+            known_rewards = ops.where(ops.isfinite(known_rewards), known_rewards, 0.0)
         finite = ops.logical_and(is_finite, active)
         safe_reward = ops.where(finite, reward_value, 0.0)
         first = ops.equal(self.updates, 0)
         baseline = ops.where(first, safe_reward, self.baseline)
         advantage = safe_reward - baseline
 
-        p = self.probabilities()
-        chosen = ops.one_hot(indices, self.logits.shape[1])
-        log_p = ops.where(p > 0, ops.log(ops.maximum(p, 1e-30)), 0.0)
-        entropy = -ops.sum(p * log_p, axis=-1, keepdims=True)
-        # d/dz of -(A log pi) + w H, per decision: -A (onehot - p) - w p (log p + H).
-        gradient = -advantage * (chosen - p) - ops.cast(entropy_penalty, "float32") * p * (log_p + entropy)
+        gradient = policy_gradient(self.probabilities(), indices, advantage, entropy_penalty, known_rewards)
         gradient = ops.where(self._valid, gradient, 0.0)
 
         count = ops.cast(self.updates + 1, "float32")

@@ -113,6 +113,72 @@ def test_non_finite_reward_skips_the_update():
     assert int(policy.updates.numpy()) == 2 and int(policy.skipped.numpy()) == 2
 
 
+def _expected_known(logits, valid, known):
+    """E_pi[K(a)] by enumerating every policy, in float64 (the reference for the exact credit)."""
+    z = np.where(valid, logits, -np.inf)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    sizes = valid.sum(axis=1)
+    total = 0.0
+    for a in np.ndindex(*sizes):
+        total += np.prod([p[d, k] for d, k in enumerate(a)]) * known(a)
+    return total
+
+
+def test_exact_credit_of_a_known_reward_is_its_exact_gradient_over_the_other_draws():
+    # Three decisions of 3, 2 and 3 choices; the known reward is an absolute cost penalty,
+    # which couples the decisions (no decision's share is fixed).
+    rng = np.random.default_rng(0)
+    valid = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
+    logits = rng.normal(size=valid.shape)
+    per_choice = rng.uniform(0.2, 2.0, size=valid.shape)
+
+    def known(a):
+        return -2.0 * abs(sum(per_choice[d, k] for d, k in enumerate(a)) / 2.5 - 1.0)
+
+    z = np.where(valid, logits, -np.inf)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    average = np.zeros(valid.shape)
+    for a in np.ndindex(*valid.sum(axis=1)):
+        alternatives = np.zeros(valid.shape)
+        for d in range(3):
+            for k in range(valid[d].sum()):
+                alternatives[d, k] = known(tuple(k if j == d else a[j] for j in range(3)))
+        alternatives[~valid] = np.nan  # ignored where the probability is zero
+        gradient = ctl.policy_gradient(p.astype(np.float32), np.array(a, np.int32), 0.0, 0.0,
+                                       alternatives.astype(np.float32))
+        average += np.prod([p[d, k] for d, k in enumerate(a)]) * keras.ops.convert_to_numpy(gradient)
+    # Descending the loss climbs E_pi[K]: its gradient is minus the loss's, by central differences.
+    reference = np.zeros(valid.shape)
+    for d, k in zip(*np.nonzero(valid)):
+        step = np.zeros(valid.shape)
+        step[d, k] = 1e-5
+        reference[d, k] = -(_expected_known(logits + step, valid, known)
+                            - _expected_known(logits - step, valid, known)) / 2e-5
+    np.testing.assert_allclose(average, reference, atol=2e-6)
+    assert np.abs(reference).max() > 0.05  # not a vacuous comparison
+
+
+def test_exact_credit_moves_the_policy_without_a_sampled_advantage():
+    policy = Controller([3], learning_rate=0.1)
+    known = tf.constant([[0.0, -1.0, -2.0]])
+    policy.update(tf.constant([1]), 0.5, known_rewards=known)  # the first sampled reward is the baseline
+    # Advantage 0, yet the known part says choice 0 is best whatever was drawn.
+    assert np.argmax(policy.logits.numpy()[0]) == 0 and np.argmin(policy.logits.numpy()[0]) == 2
+    assert float(policy.baseline.numpy()) == 0.5  # the baseline follows the sampled part only
+
+
+def test_a_non_finite_known_reward_of_a_valid_choice_skips_the_update_and_one_beyond_is_ignored():
+    policy = Controller([2, 3])
+    policy.update(tf.constant([0, 1]), 1.0, known_rewards=tf.constant([[0.0, -1.0, np.nan], [0.0, -1.0, -2.0]]))
+    assert int(policy.updates.numpy()) == 1 and np.isfinite(policy.logits.numpy()).all()
+    state = policy.logits.numpy().copy()
+    policy.update(tf.constant([0, 1]), 1.0, known_rewards=tf.constant([[0.0, -1.0, 0.0], [np.nan, -1.0, -2.0]]))
+    assert int(policy.skipped.numpy()) == 1
+    np.testing.assert_array_equal(policy.logits.numpy(), state)
+
+
 @pytest.mark.parametrize("schedule", ctl.SCHEDULES)
 def test_entropy_schedules(schedule):
     weights = [float(ctl.entropy_weight(t, 100, 20, 0.5, schedule)) for t in [0, 19, 20, 60, 100, 150]]

@@ -183,6 +183,29 @@ def test_nan_loss_skips_the_policy_update_and_keeps_the_policy(digits):
     assert np.isfinite(model.evaluate(x[:256], y[:256], verbose=0)[0])
 
 
+def test_exact_cost_credit_costs_each_alternative_and_settles_on_the_target(digits):
+    model = _searchable()
+    search = fliqs_keras.FliqsSearch(target="int4", quality="loss", cost_credit="exact")
+    search.set_model(model)
+    names, choices = model.decision_names, fliqs_keras.decisions(model)
+    sample = [0, 2, 1]
+    alternatives = keras.ops.convert_to_numpy(search._alternative_costs(model, np.array(sample, np.int32)))
+    costs = cost.CostModel(model)
+    for d, name in enumerate(names):
+        for k, fmt in enumerate(choices[name]):
+            policy = {n: choices[n][k if j == d else sample[j]] for j, n in enumerate(names)}
+            assert alternatives[d, k] == pytest.approx(costs.cost(policy), rel=1e-6), (name, fmt)
+
+    # Against REINFORCE on the whole reward, same seed: the cost term no longer adds noise, so the
+    # policy settles further and its argmax lands on the target.
+    runs = {credit: _search(digits, epochs=3, cost_credit=credit, beta=4.0, quality="loss", validation_data=None)
+            for credit in ("sampled", "exact")}
+    entropy = {credit: float(np.mean(model.controller.entropy())) for credit, (model, _, _) in runs.items()}
+    assert entropy["exact"] < entropy["sampled"] - 0.2, entropy
+    assert runs["exact"][1].final_cost_ratio == pytest.approx(1.0, abs=0.05)
+    assert np.isfinite(runs["exact"][2].history["reward"]).all()
+
+
 def test_bad_input(digits):
     _, held_out, _ = digits
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -199,6 +222,10 @@ def test_bad_input(digits):
                   callbacks=[fliqs_keras.FliqsSearch(validation_data=(np.zeros((8, 14, 14, 1)), np.zeros(8)))])
     with pytest.raises(ValueError, match="needs validation_data"):
         fliqs_keras.FliqsSearch()
+    with pytest.raises(ValueError, match="Unknown cost_credit 'noisy'"):
+        fliqs_keras.FliqsSearch(quality="loss", cost_credit="noisy")
+    with pytest.raises(ValueError, match="multiplicative reward scales the quality"):
+        fliqs_keras.FliqsSearch(quality="loss", cost_credit="exact", reward="multiplicative")
     with pytest.raises(ValueError, match="as many labels"):
         model.fit(*digits[0], epochs=1, verbose=0,
                   callbacks=[fliqs_keras.FliqsSearch(validation_data=(held_out[0], held_out[1][:3]))])
