@@ -41,8 +41,8 @@ def digits_resnet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0
 def digits_mobilenet(input_shape=(28, 28, 1), classes: int = 10, width: float = 1.0) -> keras.Model:
     """A 3x3 stem of 16 channels, then five MobileNetV2 inverted-residual blocks (`MOBILE_BLOCKS`).
 
-    About 2.6 M MACs at 28x28 with width 1, a tenth of them in the stem and
-    the depthwise convolutions; 17 quantized layers. The classifier outputs
+    About 2.6 M MACs at 28x28 with width 1, a sixth of them in the stem and
+    the depthwise convolutions; 16 quantized layers. The classifier outputs
     logits.
     """
     if width <= 0:
