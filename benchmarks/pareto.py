@@ -780,6 +780,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
          "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
+         "fliqs-loss-budget-exact int": ("teal", "X"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
