@@ -243,8 +243,7 @@ class Controller(keras.layers.Layer):
             known_rewards = ops.cast(known_rewards, "float32")
             is_finite = ops.logical_and(is_finite, ops.all(ops.logical_or(ops.isfinite(known_rewards),
                                                                           ops.logical_not(self._valid))))
-            known_rewards = ops.where(self._valid, known_rewards, 0.0)
-            # A non-finite entry must not reach the gradient even when the update is then discarded.
+            # A non-finite entry (valid or not) must not reach the gradient, even of an update then discarded.
             known_rewards = ops.where(ops.isfinite(known_rewards), known_rewards, 0.0)
         finite = ops.logical_and(is_finite, active)
         safe_reward = ops.where(finite, reward_value, 0.0)
