@@ -11,7 +11,7 @@ them. Per seed:
 * uniform QAT in fp32 (the float model), INT2, INT3, INT4, INT8, E4M3, E2M1;
 * FLIQS with integer-only, FP-only and INT+FP choices, each at three BOPs
   targets it can reach and at the comparison budget (quality: held-out
-  accuracy, 16 examples a step), and with integer-only choices in eight
+  accuracy, 16 examples a step), and with integer-only choices in nine
   variants: 256 held-out examples a step (TuNAS's setting), the training
   batch's loss as the quality (`quality="loss"`), settings for short runs
   (`fliqs-short`: the loss as the quality, 10% warm-up, policy learning
@@ -22,8 +22,9 @@ them. Per seed:
   loss-budget and short settings with four times the cost weight
   (`fliqs-loss-budget-beta4`, `fliqs-short-beta4`: ``beta=4``, the budget
   held, meant to make the learned policy itself fit the budget), and the
-  loss-budget settings with the cost term credited exactly per decision
-  (`fliqs-loss-budget-exact`: ``cost_credit="exact"``); and, as a
+  loss-budget and loss settings with the cost term credited exactly per
+  decision (`fliqs-loss-budget-exact`, `fliqs-loss-exact`:
+  ``cost_credit="exact"``); and, as a
   control, the `fliqs-loss-budget` policies at the comparison budget trained
   again from scratch with plain QAT (``... retrained``: the same policy
   without the search's training); and, as the other controls, the random
@@ -121,7 +122,7 @@ flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"
                   "results (`pareto.json` for digits_resnet, `pareto_<model>.json` for the others).")
 flags.DEFINE_list("variants", ["fliqs-short", "fliqs", "fliqs-h256", "fliqs-loss", "fliqs-budget",
                                "fliqs-loss-budget", "fliqs-loss-budget-beta4", "fliqs-short-beta4",
-                               "fliqs-loss-budget-exact"],
+                               "fliqs-loss-budget-exact", "fliqs-loss-exact"],
                   "FLIQS variants to run, in this order (`fliqs`: the default settings in the three search "
                   "spaces).")
 flags.DEFINE_bool("curves", True, "Also the accuracy-BOPs curves: every uniform format, FLIQS at three targets "
@@ -179,6 +180,9 @@ VARIANTS.update({
     # The loss variant with the budget held and the cost term credited exactly per decision
     # (`cost_credit="exact"`): the noise that kept beta=4 from settling is gone at its source.
     "fliqs-loss-budget-exact": {**VARIANTS["fliqs-loss-budget"], "cost_credit": "exact"},
+    # The loss variant as FLIQS runs it (searching to the end, the argmax kept) with the exact
+    # credit: does a policy that settles on the target need the budget held at all?
+    "fliqs-loss-exact": {**VARIANTS["fliqs-loss"], "cost_credit": "exact"},
 })
 flags.register_validator("variants", lambda names: set(names) <= {"fliqs", *VARIANTS},
                          f"--variants takes names of {['fliqs', *VARIANTS]}.")
@@ -780,7 +784,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-short int": ("black", "*"), "fliqs-budget int": ("tab:cyan", "P"),
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
          "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
-         "fliqs-loss-budget-exact int": ("teal", "X"),
+         "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
