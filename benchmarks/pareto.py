@@ -862,8 +862,8 @@ def _plot(results, path):
         reestimated = result["verdict_with_batch_norm_reestimation"]
         if rows > 1 and reestimated:
             _comparison_panel(axes[1][column], reestimated,
-                              f"{result['dataset']} at {result['comparison_budget']} BOPs, batch norms "
-                              f"re-estimated, seeds {','.join(map(str, reestimated['seeds']))}")
+                              f"{result['dataset']} at {result['comparison_budget']} BOPs, batch norms re-estimated,\n"
+                              f"seeds {','.join(map(str, reestimated['seeds']))}")
         elif rows > 1:
             axes[1][column].set_axis_off()
     figure.tight_layout()
