@@ -517,14 +517,12 @@ def run_hgq2(dataset, splits, seed, budget):
 class Runs:
     """The finished runs of one dataset, kept in a JSON-lines resume file."""
 
-    def __init__(self, path: pathlib.Path, stored=None):
-        """`stored`: a results JSON (`main`'s payload) whose runs start the resume file when there is none."""
+    def __init__(self, path: pathlib.Path, stored: list[dict] | None = None):
+        """`stored`: runs (`stored_runs`) that start the resume file when there is none."""
         self.path = path
         if not path.exists() and stored is not None:
-            rows = stored_runs(stored["payload"], stored["dataset"])
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            logging.info("%s: started from the %d runs of %s in the results JSON.", path, len(rows),
-                         stored["dataset"])
+            path.write_text("".join(json.dumps(row) + "\n" for row in stored))
+            logging.info("%s: started from %d runs stored in the results JSON.", path, len(stored))
         self.rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def get(self, key):
@@ -578,16 +576,14 @@ def _summary(rows):
             "accuracies": accuracies, "mean_bops": statistics.mean(bops), "bops": bops}
 
 
-def benchmark(dataset: str) -> dict:
+def benchmark(dataset: str, stored: dict | None = None) -> dict:
+    """One dataset's runs, summaries and verdicts; `stored`: the results JSON to resume from."""
     splits = _splits(dataset)
     seeds = [int(s) for s in FLAGS.seeds]
     output_dir = pathlib.Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results_path = output_dir / f"{_stem()}.json"
-    stored = None
-    if FLAGS.resume_from_results and results_path.exists():
-        stored = {"payload": json.loads(results_path.read_text()), "dataset": dataset}
-    runs = Runs(output_dir / f".{_stem()}_{dataset}_runs.jsonl", stored)
+    runs = Runs(output_dir / f".{_stem()}_{dataset}_runs.jsonl",
+                None if stored is None else stored_runs(stored, dataset))
     costs = cost.CostModel(fliqs_keras.apply(_build(dataset, 0), list(SPACES["int+fp"])), "bops")
     uniform_bops = {f: costs.uniform(f) for f in UNIFORM}
     groups: dict[str, list[dict]] = {}
@@ -872,17 +868,17 @@ def _plot(results, path):
 
 def main(argv):
     del argv
-    results = [benchmark(dataset) for dataset in FLAGS.datasets]
     output_dir = pathlib.Path(FLAGS.output_dir)
-    stored = output_dir / f"{_stem()}.json"
-    if FLAGS.resume_from_results and stored.exists():
+    results_path = output_dir / f"{_stem()}.json"
+    stored = json.loads(results_path.read_text()) if FLAGS.resume_from_results and results_path.exists() else None
+    results = [benchmark(dataset, stored) for dataset in FLAGS.datasets]
+    if stored is not None:
         # The JSON is the store: a dataset not run this time keeps its results, in its place.
         fresh = {r["dataset"]: r for r in results}
-        kept = json.loads(stored.read_text())["results"]
-        results = [fresh.pop(r["dataset"], r) for r in kept] + list(fresh.values())
+        results = [fresh.pop(r["dataset"], r) for r in stored["results"]] + list(fresh.values())
     payload = {"benchmark": "pareto", "model": f"fliqs_keras.models.{FLAGS.model}", "seeds": FLAGS.seeds,
                "batch_size": FLAGS.batch_size, "spaces": SPACES, "targets": TARGETS, "results": results}
-    (output_dir / f"{_stem()}.json").write_text(json.dumps(payload, indent=2))
+    results_path.write_text(json.dumps(payload, indent=2))
     _plot(results, output_dir / f"{_stem()}.png")
     for result in results:
         print(json.dumps({"dataset": result["dataset"], "comparison_budget": result["comparison_budget"],

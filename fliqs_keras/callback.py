@@ -327,14 +327,12 @@ class FliqsSearch(keras.callbacks.Callback):
     def _alternative_costs(self, model, indices):
         """[decisions, max choices]: the cost of `indices` with decision d set to choice k (the rest as drawn).
 
-        Entries beyond a decision's choices are the sample's own cost (the controller ignores them).
+        Entries beyond a decision's choices mean nothing: the controller ignores them.
         """
-        policy = model.controller
-        count, width = len(policy.num_choices), max(policy.num_choices)
-        replaced = np.eye(count, dtype=bool)[:, None, :]  # [d, 1, decisions]: the decision set to k
-        choice = np.arange(width, dtype=np.int32)[None, :, None]  # [1, k, 1]
+        num_choices = model.controller.num_choices
+        replaced = np.eye(len(num_choices), dtype=bool)[:, None, :]  # [d, 1, decisions]: the decision set to k
+        choice = np.arange(max(num_choices), dtype=np.int32)[None, :, None]  # [1, k, 1]
         alternatives = ops.where(replaced, choice, ops.cast(indices, "int32")[None, None, :])
-        alternatives = ops.where(policy.valid[:, :, None], alternatives, ops.cast(indices, "int32")[None, None, :])
         return self.costs.graph_cost(alternatives, model.decision_names)
 
     def _protected_variables(self, model) -> list:

@@ -113,11 +113,15 @@ def test_non_finite_reward_skips_the_update():
     assert int(policy.updates.numpy()) == 2 and int(policy.skipped.numpy()) == 2
 
 
-def _expected_known(logits, valid, known):
-    """E_pi[K(a)] by enumerating every policy, in float64 (the reference for the exact credit)."""
+def _softmax(logits, valid):
     z = np.where(valid, logits, -np.inf)
     p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _expected_known(logits, valid, known):
+    """E_pi[K(a)] by enumerating every policy, in float64 (the reference for the exact credit)."""
+    p = _softmax(logits, valid)
     sizes = valid.sum(axis=1)
     total = 0.0
     for a in np.ndindex(*sizes):
@@ -136,9 +140,7 @@ def test_exact_credit_of_a_known_reward_is_its_exact_gradient_over_the_other_dra
     def known(a):
         return -2.0 * abs(sum(per_choice[d, k] for d, k in enumerate(a)) / 2.5 - 1.0)
 
-    z = np.where(valid, logits, -np.inf)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = _softmax(logits, valid)
     average = np.zeros(valid.shape)
     for a in np.ndindex(*valid.sum(axis=1)):
         alternatives = np.zeros(valid.shape)

@@ -129,7 +129,7 @@ def test_stored_runs_are_each_run_of_the_dataset_once(pareto):
 
 def test_a_missing_resume_file_starts_from_the_results_json_and_an_existing_one_wins(pareto, tmp_path):
     row = {"key": "uniform/int8/0", "accuracy": 0.96, "bops": 160.0}
-    stored = {"payload": _payload(_result("mnist", {"uniform int8": [row]})), "dataset": "mnist"}
+    stored = pareto.stored_runs(_payload(_result("mnist", {"uniform int8": [row]})), "mnist")
     path = tmp_path / ".pareto_mnist_runs.jsonl"
     runs = pareto.Runs(path, stored)
     assert runs.get("uniform/int8/0") == row
