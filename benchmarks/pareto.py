@@ -31,7 +31,12 @@ them. Per seed:
   baseline's policies and the uniform reference (INT2 at ``int2*1.1``)
   trained after 75% of the steps in per-step uniform draws of every layer's
   format (``random after uniform draws``, ``int2 after uniform draws``: the
-  search's training without its policy learning). Controls are not methods,
+  search's training without its policy learning); and the ceiling at the
+  comparison budget (``ceiling``: the `fliqs-loss-budget` search with, at its
+  freeze, every layer that some policy within the budget can lift at INT8
+  and the rest at INT2; every policy within the budget is at or below it in
+  every layer, so its accuracy bounds what any of them reaches with the
+  search's training, though it costs more). Controls are not methods,
   so not baselines in the verdicts, which give FLIQS's margin over them;
 * at the comparison budget (below): a random policy at that BOPs (±5%), then
   the same QAT; the post-training search (per-layer sensitivity of the
@@ -192,6 +197,8 @@ INT2_ROOM = 1.1
 # reference trained after the search's per-step format draws, with no policy learning.
 RETRAINED = "fliqs-loss-budget"
 DRAWN = "after uniform draws"
+# And the control that bounds every policy within the budget (`run_ceiling`).
+CEILING = "ceiling"
 ALSO_COMPARED = ("int3",)
 RANDOM_TOLERANCE = 0.05
 REESTIMATED = "accuracy_bn_reestimated"
@@ -272,11 +279,11 @@ def run_uniform(dataset, splits, seed, fmt):
     return {**_train(model, splits, seed, _epochs(dataset)), "policy": fmt}
 
 
-def run_fliqs(dataset, splits, seed, space, target, options=None):
+def run_fliqs(dataset, splits, seed, space, target, options=None, callbacks=()):
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[space]))
     options = {"learning_rate": 0.05, "entropy_weight": 1.0, **(options or {})}
     search = fliqs_keras.FliqsSearch(target=target, validation_data=splits[1], seed=seed, **options)
-    trained = _train(searchable, splits, seed, _epochs(dataset), [search])
+    trained = _train(searchable, splits, seed, _epochs(dataset), [search, *callbacks])
     entropy = keras.ops.convert_to_numpy(searchable.controller.entropy())
     row = {**trained, "policy": fliqs_keras.policy(searchable), "bops": cost.bops(searchable),
            "max_final_entropy_nats": float(entropy.max())}
@@ -420,6 +427,58 @@ def run_drawn(dataset, splits, seed, budget, final):
     draws = _UniformDraws(1000 + seed, math.ceil(FREEZE_AT * _steps(splits, epochs)), assignment)
     return {**_train(searchable, splits, seed, epochs, [draws]), "policy": assignment,
             "bops": cost.bops(searchable)}
+
+
+def _ceiling(names, table, budget) -> dict[str, str]:
+    """The formats that bound every integer policy within `budget`, layer by layer.
+
+    A layer whose next format up, with every other layer at its cheapest,
+    already costs more than the budget sits at its cheapest format in every
+    policy within the budget; every other layer gets the dearest format. So
+    every policy within the budget has, in every layer, a format no dearer
+    than this one's, and (more bits quantizing no worse) this policy's
+    accuracy bounds theirs. It costs more than the budget itself.
+    """
+    per_choice = np.stack([table[c] for c in SPACES[BASELINE_SPACE]])  # [choices, layers]
+    order = np.argsort(per_choice, axis=0)
+    columns = np.arange(len(names))
+    cheapest = per_choice[order[0], columns]
+    if cheapest.sum() > budget:
+        raise ValueError(f"No policy costs less than {budget:.4g} BOPs: the cheapest costs {cheapest.sum():.4g}.")
+    liftable = cheapest.sum() - cheapest + per_choice[order[1], columns] <= budget
+    return {n: SPACES[BASELINE_SPACE][order[-1 if lift else 0, i]]
+            for i, (n, lift) in enumerate(zip(names, liftable))}
+
+
+class _KeepAtFreeze(keras.callbacks.Callback):
+    """From step `at` (a search's freeze), makes the controller keep `assignment` instead of what it learned."""
+
+    def __init__(self, at, assignment):
+        super().__init__()
+        self.at, self.assignment, self.step = at, assignment, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # After the search's own callback: it keeps its policy within the budget at this step first.
+        if self.step == self.at:
+            choices = fliqs_keras.decisions(self.model)
+            self.model.controller.choose(np.array(
+                [[c.name for c in choices[n]].index(self.assignment[n]) for n in self.model.decision_names],
+                dtype="int32"))
+        self.step += 1
+
+
+def run_ceiling(dataset, splits, seed, budget_format, budget):
+    """A control that bounds the search at the budget: the `RETRAINED` variant's run, with `_ceiling`'s
+    formats kept at the freeze instead of the policy it learned.
+
+    The same training as the search's, then formats at or above those of
+    every policy within the budget: what it recovers of the gap bounds what
+    they could, up to the seeds' noise (the bound assumes more bits never
+    quantize worse).
+    """
+    names, table = _layer_costs(fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE])))
+    keep = _KeepAtFreeze(math.ceil(FREEZE_AT * _steps(splits, _epochs(dataset))), _ceiling(names, table, budget))
+    return run_fliqs(dataset, splits, seed, BASELINE_SPACE, budget_format, VARIANTS[RETRAINED], [keep])
 
 
 def _calibrate(searchable, x, fmt):
@@ -656,9 +715,16 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
                     runs.run(f"drawn/{final}/{budget_format}/{seed}", run_drawn, dataset, splits, seed, budget,
                              final, require=require), into=into)
 
+    def ceiling(seed, into=groups, require=()):
+        if FLAGS.controls and "fliqs" in FLAGS.methods:
+            add(f"{CEILING} @{budget_format}",
+                runs.run(f"ceiling/{budget_format}/{seed}", run_ceiling, dataset, splits, seed, budget_format,
+                         budget, require=require), into=into)
+
     for seed in seeds:
         retrain(seed)
         drawn(seed)
+        ceiling(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
 
@@ -675,6 +741,7 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
                 search(variant, space, options, budget_format, seed, into, require)
             retrain(seed, into, require)
         drawn(seed, into, require)
+        ceiling(seed, into, require)
 
     at_comparison_budget = [(v, space, options) for v, space, options, target in work if target == budget_format]
     more = {g: list(rows) for g, rows in groups.items()}
@@ -732,7 +799,7 @@ def _comparison_budget(summaries) -> tuple[str, dict[str, float]]:
 
 def _is_control(group: str) -> bool:
     family = _family(group)
-    return family == f"{RETRAINED} retrained" or family.endswith(DRAWN)
+    return family in (f"{RETRAINED} retrained", CEILING) or family.endswith(DRAWN)
 
 
 def _verdict(summaries, budget_format, budget):
@@ -753,6 +820,12 @@ def _verdict(summaries, budget_format, budget):
                "baseline_bops_ratio_to_budget": {g: s["mean_bops"] / budget for g, s in baselines.items()},
                "off_budget_baselines": {g: s["mean_bops"] / budget for g, s in candidates.items()
                                         if g not in baselines}}
+    bound = summaries.get(f"{CEILING} @{budget_format}")
+    if bound is not None and gap > 0:
+        # What the best formats any policy within the budget could have recover, trained as the search trains.
+        recovered = (bound["mean_accuracy"] - low["mean_accuracy"]) / gap
+        verdict[CEILING] = {"gap_recovered": recovered, "recovers_75_percent": recovered >= 0.75,
+                            "bops_ratio_to_budget": bound["mean_bops"] / budget}
     for variant in [f"fliqs {space}" for space in SPACES] + [f"{v} {BASELINE_SPACE}" for v in VARIANTS]:
         fliqs = summaries.get(f"{variant} @{budget_format}")
         if fliqs is None:
@@ -781,7 +854,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
          "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
          "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
-         "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
+         CEILING: ("darkred", "_"), "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
 

@@ -107,6 +107,67 @@ def test_tilted_draws_refuse_a_budget_below_the_cheapest_policy(pareto):
         pareto._tilted(per_choice, 2.9)
 
 
+def test_verdict_says_how_much_of_the_gap_the_ceiling_recovers(pareto):
+    summaries = _ladder(pareto, int4=(0.95,) * 3, int3=(0.94,) * 3, int2=(0.895, 0.900, 0.905),
+                        int8=(0.955, 0.960, 0.965))
+    summaries[f"{pareto.CEILING} @int2*1.1"] = pareto._summary(_rows((0.94, 0.94, 0.94), (19.0, 19.0, 19.0)))
+    summaries["fliqs-loss-budget int @int2*1.1"] = pareto._summary(_rows((0.93,) * 3, (10.0,) * 3))
+    verdict = pareto._verdict(summaries, "int2*1.1", 11.0)
+    # A control: FLIQS's margin over it is given, not a baseline's.
+    assert verdict[pareto.CEILING]["gap_recovered"] == pytest.approx(4 / 6, rel=1e-6)
+    assert not verdict[pareto.CEILING]["recovers_75_percent"]
+    assert verdict[pareto.CEILING]["bops_ratio_to_budget"] == pytest.approx(19 / 11, rel=1e-6)
+    fliqs = verdict["fliqs-loss-budget int"]
+    assert set(fliqs["margin_over_baselines"]) == {"uniform int2"}
+    assert fliqs["margin_over_controls"][f"{pareto.CEILING} @int2*1.1"] == pytest.approx(-0.01, abs=1e-9)
+
+
+def _policies(per_choice):
+    """Every policy of a [choices, layers] table, as [policies, layers] choice indices."""
+    choices, layers = per_choice.shape
+    return np.stack(np.meshgrid(*[np.arange(choices)] * layers, indexing="ij"), -1).reshape(-1, layers)
+
+
+def test_the_ceiling_is_at_or_above_every_policy_within_the_budget_in_every_layer(pareto):
+    # Rows: the integer choices int2, int3, int4, int8 (BOPs scale 1 : 2.25 : 4 : 16); two dear layers.
+    layer_macs = np.array([0.2, 3.0, 6.0, 0.1, 0.01])
+    per_choice = np.array([1.0, 2.25, 4.0, 16.0])[:, None] * layer_macs[None, :]
+    names = ["stem", "conv1", "conv2", "proj", "logits"]
+    table = dict(zip(pareto.SPACES[pareto.BASELINE_SPACE], per_choice))
+    budget = 1.1 * per_choice[0].sum()
+    ceiling = pareto._ceiling(names, table, budget)
+    assert ceiling == {"stem": "int8", "conv1": "int2", "conv2": "int2", "proj": "int8", "logits": "int8"}
+    top = np.array([pareto.SPACES[pareto.BASELINE_SPACE].index(ceiling[n]) for n in names])
+    policies = _policies(per_choice)
+    within = policies[per_choice[policies, np.arange(len(names))].sum(axis=1) <= budget]
+    assert len(within) > 1 and np.all(within <= top)
+    # It costs more than the budget: a bound, not a policy within it.
+    assert per_choice[top, np.arange(len(names))].sum() > budget
+    with pytest.raises(ValueError, match="No policy costs less than"):
+        pareto._ceiling(names, table, 0.9 * per_choice[0].sum())
+
+
+def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pareto):
+    import keras
+
+    import fliqs_keras
+    from fliqs_keras import data
+
+    (x, y), _ = data.sklearn_digits(seed=0)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    search = fliqs_keras.FliqsSearch(target="int2*1.1", quality="loss", freeze_at=0.5, max_cost_ratio=1.0, seed=0)
+    steps = -(-256 // 32)
+    keep = pareto._KeepAtFreeze(steps // 2, {"conv": "int8", "logits": "int4"})
+    model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0, callbacks=[search, keep])
+    # No policy within the search's budget has the conv at INT8: this is the kept policy replaced.
+    assert fliqs_keras.policy(model) == {"conv": "int8", "logits": "int4"}
+
+
 def _payload(*results):
     return {"benchmark": "pareto", "results": list(results)}
 
