@@ -147,6 +147,46 @@ def test_the_ceiling_is_at_or_above_every_policy_within_the_budget_in_every_laye
         pareto._ceiling(names, table, 0.9 * per_choice[0].sum())
 
 
+def test_the_maximal_policies_are_those_within_the_budget_that_no_single_lift_keeps_within(pareto, monkeypatch):
+    layer_macs = np.array([0.2, 3.0, 6.0, 0.1, 0.01])
+    per_choice = np.array([1.0, 2.25, 4.0, 16.0])[:, None] * layer_macs[None, :]
+    names = ["stem", "conv1", "conv2", "proj", "logits"]
+    space = pareto.SPACES[pareto.BASELINE_SPACE]
+    table = dict(zip(space, per_choice))
+    budget = 1.1 * per_choice[0].sum()
+    columns = np.arange(len(names))
+    policies = _policies(per_choice)
+    within = policies[per_choice[policies, columns].sum(axis=1) <= budget]
+
+    def lifts(policy):
+        for layer in columns[policy < len(space) - 1]:
+            up = policy.copy()
+            up[layer] += 1
+            if per_choice[up, columns].sum() <= budget:
+                return True
+        return False
+
+    expected = {tuple(p) for p in within if not lifts(p)}
+    found = pareto._maximal(names, table, budget)
+    assert {tuple(space.index(m[n]) for n in names) for m in found} == expected
+    assert len(found) == len(expected) > 1
+    # More maximal policies than runs are worth: none.
+    monkeypatch.setattr(pareto, "MAXIMAL_LIMIT", len(expected) - 1)
+    assert pareto._maximal(names, table, budget) is None
+
+
+def test_verdict_names_the_best_maximal_policy(pareto):
+    summaries = _ladder(pareto, int4=(0.95,) * 3, int3=(0.94,) * 3, int2=(0.895, 0.900, 0.905),
+                        int8=(0.955, 0.960, 0.965))
+    summaries[f"{pareto.MAXIMAL} 1 @int2*1.1"] = pareto._summary(_rows((0.92,) * 3, (10.8,) * 3))
+    summaries[f"{pareto.MAXIMAL} 2 @int2*1.1"] = pareto._summary(_rows((0.95,) * 3, (10.9,) * 3))
+    verdict = pareto._verdict(summaries, "int2*1.1", 11.0)
+    best = verdict["best_maximal_policy"]
+    assert best["group"] == f"{pareto.MAXIMAL} 2 @int2*1.1" and best["of"] == 2
+    assert best["gap_recovered"] == pytest.approx(5 / 6, rel=1e-6) and best["recovers_75_percent"]
+    assert set(verdict["baseline_bops_ratio_to_budget"]) == {"uniform int2"}  # controls, not baselines
+
+
 def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pareto):
     import keras
 
