@@ -36,8 +36,12 @@ them. Per seed:
   freeze, every layer that some policy within the budget can lift at INT8
   and the rest at INT2; every policy within the budget is at or below it in
   every layer, so its accuracy bounds what any of them reaches with the
-  search's training, though it costs more). Controls are not methods,
-  so not baselines in the verdicts, which give FLIQS's margin over them;
+  search's training, though it costs more), and, when there are at most
+  eight, each maximal policy within it (``maximal policy N``: none of its
+  layers can rise a format and stay within the budget), kept at the same
+  search's freeze: the policies a search should choose among. Controls are
+  not methods, so not baselines in the verdicts, which give FLIQS's margin
+  over them;
 * at the comparison budget (below): a random policy at that BOPs (±5%), then
   the same QAT; the post-training search (per-layer sensitivity of the
   trained float model on the held-out slice, then the assignment of least
