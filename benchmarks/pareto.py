@@ -747,13 +747,13 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
                              final, require=require), into=into)
 
     names, table = _layer_costs(fliqs_keras.apply(_build(dataset, 0), list(SPACES[BASELINE_SPACE])))
-    maximal_policies = _maximal(names, table, budget) or []
+    ceiling_policy, maximal_policies = _ceiling(names, table, budget), _maximal(names, table, budget) or []
 
-    def ceiling(seed, into=groups, require=()):
+    def bounds(seed, into=groups, require=()):
         if FLAGS.controls and "fliqs" in FLAGS.methods:
             add(f"{CEILING} @{budget_format}",
                 runs.run(f"ceiling/{budget_format}/{seed}", run_kept, dataset, splits, seed, budget_format,
-                         _ceiling(names, table, budget), require=require), into=into)
+                         ceiling_policy, require=require), into=into)
             for number, policy in enumerate(maximal_policies, 1):
                 add(f"{MAXIMAL} {number} @{budget_format}",
                     runs.run(f"maximal/{budget_format}/{number}/{seed}", run_kept, dataset, splits, seed,
@@ -762,7 +762,7 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
     for seed in seeds:
         retrain(seed)
         drawn(seed)
-        ceiling(seed)
+        bounds(seed)
     summaries = {g: _summary(r) for g, r in groups.items()}
     more_seeds = [int(s) for s in FLAGS.more_seeds_at_budget if int(s) not in seeds]
 
@@ -779,7 +779,7 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
                 search(variant, space, options, budget_format, seed, into, require)
             retrain(seed, into, require)
         drawn(seed, into, require)
-        ceiling(seed, into, require)
+        bounds(seed, into, require)
 
     at_comparison_budget = [(v, space, options) for v, space, options, target in work if target == budget_format]
     more = {g: list(rows) for g, rows in groups.items()}
@@ -860,7 +860,7 @@ def _verdict(summaries, budget_format, budget):
                                         if g not in baselines}}
     bound = summaries.get(f"{CEILING} @{budget_format}")
     if bound is not None and gap > 0:
-        # What the best formats any policy within the budget could have recover, trained as the search trains.
+        # The share of the gap that formats at or above every policy within the budget recover.
         recovered = (bound["mean_accuracy"] - low["mean_accuracy"]) / gap
         verdict[CEILING] = {"gap_recovered": recovered, "recovers_75_percent": recovered >= 0.75,
                             "bops_ratio_to_budget": bound["mean_bops"] / budget}
@@ -900,7 +900,8 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
          "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
          "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
-         CEILING: ("darkred", "_"), MAXIMAL: ("salmon", "d"), "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
+         CEILING: ("darkred", "_"), MAXIMAL: ("salmon", "d"),
+         "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
          "hgq2": ("tab:brown", "v")}
 
