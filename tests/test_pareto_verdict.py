@@ -113,10 +113,10 @@ def test_verdict_says_how_much_of_the_gap_the_ceiling_recovers(pareto):
     summaries[f"{pareto.CEILING} @int2*1.1"] = pareto._summary(_rows((0.94, 0.94, 0.94), (19.0, 19.0, 19.0)))
     summaries["fliqs-loss-budget int @int2*1.1"] = pareto._summary(_rows((0.93,) * 3, (10.0,) * 3))
     verdict = pareto._verdict(summaries, "int2*1.1", 11.0)
-    # A control: FLIQS's margin over it is given, not a baseline's.
     assert verdict[pareto.CEILING]["gap_recovered"] == pytest.approx(4 / 6, rel=1e-6)
     assert not verdict[pareto.CEILING]["recovers_75_percent"]
     assert verdict[pareto.CEILING]["bops_ratio_to_budget"] == pytest.approx(19 / 11, rel=1e-6)
+    # A control: FLIQS's margin over it is given, not a baseline's.
     fliqs = verdict["fliqs-loss-budget int"]
     assert set(fliqs["margin_over_baselines"]) == {"uniform int2"}
     assert fliqs["margin_over_controls"][f"{pareto.CEILING} @int2*1.1"] == pytest.approx(-0.01, abs=1e-9)
@@ -128,13 +128,18 @@ def _policies(per_choice):
     return np.stack(np.meshgrid(*[np.arange(choices)] * layers, indexing="ij"), -1).reshape(-1, layers)
 
 
-def test_the_ceiling_is_at_or_above_every_policy_within_the_budget_in_every_layer(pareto):
-    # Rows: the integer choices int2, int3, int4, int8 (BOPs scale 1 : 2.25 : 4 : 16); two dear layers.
-    layer_macs = np.array([0.2, 3.0, 6.0, 0.1, 0.01])
-    per_choice = np.array([1.0, 2.25, 4.0, 16.0])[:, None] * layer_macs[None, :]
-    names = ["stem", "conv1", "conv2", "proj", "logits"]
+def _five_layers(pareto):
+    """Names, the [choices, layers] BOPs, the table by format and `int2*1.1` of a model with two dear layers.
+
+    Rows: the integer choices int2, int3, int4, int8 (BOPs scale 1 : 2.25 : 4 : 16).
+    """
+    per_choice = np.array([1.0, 2.25, 4.0, 16.0])[:, None] * np.array([0.2, 3.0, 6.0, 0.1, 0.01])[None, :]
     table = dict(zip(pareto.SPACES[pareto.BASELINE_SPACE], per_choice))
-    budget = 1.1 * per_choice[0].sum()
+    return ["stem", "conv1", "conv2", "proj", "logits"], per_choice, table, 1.1 * per_choice[0].sum()
+
+
+def test_the_ceiling_is_at_or_above_every_policy_within_the_budget_in_every_layer(pareto):
+    names, per_choice, table, budget = _five_layers(pareto)
     ceiling = pareto._ceiling(names, table, budget)
     assert ceiling == {"stem": "int8", "conv1": "int2", "conv2": "int2", "proj": "int8", "logits": "int8"}
     top = np.array([pareto.SPACES[pareto.BASELINE_SPACE].index(ceiling[n]) for n in names])
@@ -148,12 +153,8 @@ def test_the_ceiling_is_at_or_above_every_policy_within_the_budget_in_every_laye
 
 
 def test_the_maximal_policies_are_those_within_the_budget_that_no_single_lift_keeps_within(pareto, monkeypatch):
-    layer_macs = np.array([0.2, 3.0, 6.0, 0.1, 0.01])
-    per_choice = np.array([1.0, 2.25, 4.0, 16.0])[:, None] * layer_macs[None, :]
-    names = ["stem", "conv1", "conv2", "proj", "logits"]
+    names, per_choice, table, budget = _five_layers(pareto)
     space = pareto.SPACES[pareto.BASELINE_SPACE]
-    table = dict(zip(space, per_choice))
-    budget = 1.1 * per_choice[0].sum()
     columns = np.arange(len(names))
     policies = _policies(per_choice)
     within = policies[per_choice[policies, columns].sum(axis=1) <= budget]
