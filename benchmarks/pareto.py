@@ -253,6 +253,11 @@ def _steps(splits, epochs) -> int:
     return epochs * -(-len(splits[0][0]) // FLAGS.batch_size)
 
 
+def _freeze_step(dataset, splits) -> int:
+    """The step at which a search with ``freeze_at=FREEZE_AT`` keeps its formats (as `FliqsSearch` counts it)."""
+    return math.ceil(FREEZE_AT * _steps(splits, _epochs(dataset)))
+
+
 def _train(model, splits, seed, epochs, callbacks=(), reestimate=True) -> dict:
     """Trains; the test accuracy as trained and, unless `reestimate` is off, after batch-norm re-estimation."""
     (x, y), _, (x_test, y_test) = splits
@@ -430,10 +435,9 @@ def run_drawn(dataset, splits, seed, budget, final):
     """
     assignment = _random_policy(dataset, seed, budget) if final == "random" else final
     searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
-    epochs = _epochs(dataset)
     # Draws of their own: the seed's format draws must not repeat the random policy's draws.
-    draws = _UniformDraws(1000 + seed, math.ceil(FREEZE_AT * _steps(splits, epochs)), assignment)
-    return {**_train(searchable, splits, seed, epochs, [draws]), "policy": assignment,
+    draws = _UniformDraws(1000 + seed, _freeze_step(dataset, splits), assignment)
+    return {**_train(searchable, splits, seed, _epochs(dataset), [draws]), "policy": assignment,
             "bops": cost.bops(searchable)}
 
 
@@ -508,7 +512,7 @@ class _KeepAtFreeze(keras.callbacks.Callback):
 def run_kept(dataset, splits, seed, budget_format, assignment):
     """The `RETRAINED` variant's run with `assignment` kept at the freeze instead of the policy it learned:
     the search's training, then given formats (the ceiling and the maximal policies)."""
-    keep = _KeepAtFreeze(math.ceil(FREEZE_AT * _steps(splits, _epochs(dataset))), assignment)
+    keep = _KeepAtFreeze(_freeze_step(dataset, splits), assignment)
     return run_fliqs(dataset, splits, seed, BASELINE_SPACE, budget_format, VARIANTS[RETRAINED], [keep])
 
 
