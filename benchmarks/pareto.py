@@ -124,7 +124,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order,
 flags.DEFINE_list("more_seeds_at_budget", ["3", "4"], "Further seeds for the methods compared at the comparison "
                   "budget only (uniform reference and INT8, random, sensitivity, FLIQS): a second verdict on "
                   "all the seeds, where a 3-seed mean is at the mercy of one collapsed low-bit run.")
-flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "hgq2"],
+flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "supernet", "hgq2"],
                   "Methods to run.")
 flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"],
                   "The model every method trains (`fliqs_keras.models`); each has its own resume files and "
@@ -213,6 +213,12 @@ REESTIMATED = "accuracy_bn_reestimated"
 CALIBRATION_BATCHES = 8
 # The sensitivity baseline's assignment is exhaustive up to this many policies.
 EXHAUSTIVE = 4 ** 10
+# At most this many policies within a budget are listed (`_within`).
+LISTED = 100_000
+# The supernet search scores every maximal policy within the budget when there are at most
+# SUPERNET_LIMIT (about a second each), else the distinct ends of SUPERNET_DRAWS random climbs.
+SUPERNET_LIMIT = 128
+SUPERNET_DRAWS = 100
 
 
 def _stem() -> str:
@@ -408,6 +414,8 @@ class _UniformDraws(keras.callbacks.Callback):
 
     A FLIQS run's warm-up draws, kept up to where `freeze_at` ends the search,
     with no policy learning: what the search's training gives any policy.
+    `final` is a format, an assignment, or a function of the model that
+    returns one at step `until` (the supernet search's choice).
     """
 
     def __init__(self, seed, until, final):
@@ -422,7 +430,7 @@ class _UniformDraws(keras.callbacks.Callback):
         if self.step < self.until:
             self.model.assign_choices(np.array([self.rng.integers(n) for n in self.sizes], dtype="int32"))
         elif self.step == self.until:
-            fliqs_keras.set_formats(self.model, self.final)
+            fliqs_keras.set_formats(self.model, self.final(self.model) if callable(self.final) else self.final)
         self.step += 1
 
 
@@ -468,26 +476,51 @@ def _ceiling(names, table, budget) -> dict[str, str]:
             for i, (n, lift) in enumerate(zip(names, liftable))}
 
 
-def _maximal(names, table, budget) -> list[dict[str, str]] | None:
-    """Every policy within `budget` in which no layer's next format up still fits the budget: the
-    policies a search should choose among. None when there are more than `MAXIMAL_LIMIT` of them, or
-    more than `EXHAUSTIVE` policies of the liftable layers to list."""
-    order, ranked, liftable = _ranked(table, budget)
-    ranks, free = len(ranked), np.flatnonzero(liftable)
-    if ranks ** len(free) > EXHAUSTIVE:
+def _within(ranked, budget) -> np.ndarray | None:
+    """Every policy within `budget` as [policies, layers] ranks into `_ranked`'s order, listed depth first
+    (a layer's dearer formats are skipped once one does not fit); None when there are more than `LISTED`."""
+    layers = ranked.shape[1]
+    rises, room = ranked - ranked[0], budget - ranked[0].sum()
+    found, rank = [], [0] * layers
+
+    def visit(layer, left):
+        if len(found) > LISTED:
+            return
+        if layer == layers:
+            found.append(tuple(rank))
+            return
+        for r in range(len(ranked)):
+            # A hair of slack for rounding: the exact test of the sum follows.
+            if rises[r, layer] > left + 1e-9 * budget:
+                break
+            rank[layer] = r
+            visit(layer + 1, left - rises[r, layer])
+        rank[layer] = 0
+
+    visit(0, room)
+    if len(found) > LISTED:
         return None
-    policies = np.zeros((ranks ** len(free), len(names)), dtype=int)
-    policies[:, free] = np.stack(np.meshgrid(*[np.arange(ranks)] * len(free), indexing="ij"), -1).reshape(
-        -1, len(free))
-    columns = np.arange(len(names))
-    within = policies[ranked[policies, columns].sum(axis=1) <= budget]
+    found = np.array(found, dtype=int).reshape(-1, layers)
+    return found[ranked[found, np.arange(layers)].sum(axis=1) <= budget]
+
+
+def _maximal(names, table, budget, limit=None) -> list[dict[str, str]] | None:
+    """Every policy within `budget` in which no layer's next format up still fits the budget: the
+    policies a search should choose among. None when there are more than `limit` of them
+    (`MAXIMAL_LIMIT` when None), or more than `LISTED` policies within the budget to list."""
+    limit = MAXIMAL_LIMIT if limit is None else limit
+    order, ranked, _ = _ranked(table, budget)
+    within = _within(ranked, budget)
+    if within is None:
+        return None
+    top, columns = len(ranked) - 1, np.arange(len(names))
     lifts = np.zeros(len(within), dtype=bool)
-    for layer in free:
+    for layer in columns:
         up = within.copy()
-        up[:, layer] = np.minimum(up[:, layer] + 1, ranks - 1)
-        lifts |= (within[:, layer] < ranks - 1) & (ranked[up, columns].sum(axis=1) <= budget)
+        up[:, layer] = np.minimum(up[:, layer] + 1, top)
+        lifts |= (within[:, layer] < top) & (ranked[up, columns].sum(axis=1) <= budget)
     maximal = within[~lifts]
-    if len(maximal) > MAXIMAL_LIMIT:
+    if len(maximal) > limit:
         return None
     return [{n: SPACES[BASELINE_SPACE][order[r, i]] for i, (n, r) in enumerate(zip(names, row))} for row in maximal]
 
@@ -514,6 +547,71 @@ def run_kept(dataset, splits, seed, budget_format, assignment):
     the search's training, then given formats (the ceiling and the maximal policies)."""
     keep = _KeepAtFreeze(_freeze_step(dataset, splits), assignment)
     return run_fliqs(dataset, splits, seed, BASELINE_SPACE, budget_format, VARIANTS[RETRAINED], [keep])
+
+
+def _maximal_draws(names, table, budget, rng, draws) -> list[dict[str, str]]:
+    """The distinct maximal policies within `budget` (no layer's next format up fits) of `draws` random
+    climbs: from every layer at its cheapest, one format up for a layer drawn uniformly among those whose
+    next format still fits, until none does."""
+    order, ranked, _ = _ranked(table, budget)
+    top, columns = len(ranked) - 1, np.arange(len(names))
+    found = {}
+    for _ in range(draws):
+        rank, spent = np.zeros(len(names), dtype=int), ranked[0].sum()
+        while True:
+            step = np.where(rank < top, ranked[np.minimum(rank + 1, top), columns] - ranked[rank, columns], np.inf)
+            fits = np.flatnonzero(spent + step <= budget)
+            if not len(fits):
+                break
+            layer = rng.choice(fits)
+            spent, rank[layer] = spent + step[layer], rank[layer] + 1
+        found.setdefault(tuple(rank), None)
+    return [{n: SPACES[BASELINE_SPACE][order[r, i]] for i, (n, r) in enumerate(zip(names, row))} for row in found]
+
+
+def _held_out_accuracy(model, held, batch_size=256) -> float:
+    """Accuracy on `held` in training mode, every non-trainable variable restored after.
+
+    Training mode normalises with each batch's own statistics: the moving
+    statistics of weights trained in per-step draws mix every format drawn, so
+    one-shot searches recalibrate the batch norms of each candidate before
+    scoring it (SPOS); batch statistics do that for the price of one pass.
+    """
+    saved = [v.numpy() for v in model.non_trainable_variables]
+    x, y = held
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=True))
+        correct += int((logits.argmax(-1) == y[start:start + batch_size]).sum())
+    for variable, value in zip(model.non_trainable_variables, saved):
+        variable.assign(value)
+    return correct / len(x)
+
+
+def run_supernet(dataset, splits, seed, budget):
+    """One-shot supernet search (SPOS's way, with the budget as the constraint): `FREEZE_AT` of the steps in
+    per-step uniform draws of every layer's format, then the maximal policy within `budget` that scores
+    best on the held-out slice, trained for the rest. It scores every maximal policy when they are few
+    (`SUPERNET_LIMIT`), else those that `SUPERNET_DRAWS` random climbs end in."""
+    searchable = fliqs_keras.apply(_build(dataset, seed), list(SPACES[BASELINE_SPACE]))
+    names, table = _layer_costs(searchable)
+    every = _maximal(names, table, budget, SUPERNET_LIMIT)
+    candidates = every or _maximal_draws(names, table, budget, np.random.default_rng(2000 + seed),
+                                         SUPERNET_DRAWS)
+    scores = []
+
+    def best(model):
+        for candidate in candidates:
+            fliqs_keras.set_formats(model, candidate)
+            scores.append(_held_out_accuracy(model, splits[1]))
+        return candidates[int(np.argmax(scores))]
+
+    # The draws of `run_drawn`'s control for this seed: the two differ only in the policy kept.
+    draws = _UniformDraws(1000 + seed, _freeze_step(dataset, splits), best)
+    trained = _train(searchable, splits, seed, _epochs(dataset), [draws])
+    return {**trained, "policy": candidates[int(np.argmax(scores))],
+            "bops": cost.bops(searchable), "candidates": len(candidates), "every_maximal_policy": every is not None,
+            "held_out_accuracy": max(scores), "held_out_accuracy_median": float(np.median(scores))}
 
 
 def _calibrate(searchable, x, fmt):
@@ -714,7 +812,7 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
 
     # Baselines first, then the search spaces in order of interest: a cut-short run keeps what matters.
     baselines = {"random": run_random, "sensitivity": run_sensitivity, "progressive": run_progressive,
-                 "hgq2": run_hgq2}
+                 "supernet": run_supernet, "hgq2": run_hgq2}
     for spec in budgets:
         for method in baselines:
             if method in FLAGS.methods:
@@ -775,7 +873,7 @@ def benchmark(dataset: str, stored: dict | None = None) -> dict:
         for fmt in dict.fromkeys((reference, "int8")):
             if "uniform" in FLAGS.methods:
                 uniform(fmt, seed, into, require)
-        for method in ("random", "sensitivity", "progressive"):
+        for method in ("random", "sensitivity", "progressive", "supernet"):
             if method in FLAGS.methods:
                 baseline(method, budget_format, seed, into, require)
         if "fliqs" in FLAGS.methods:
@@ -906,7 +1004,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
          CEILING: ("darkred", "_"), MAXIMAL: ("salmon", "d"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
-         "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"),
+         "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"), "supernet": ("tab:green", "h"),
          "hgq2": ("tab:brown", "v")}
 
 

@@ -168,12 +168,18 @@ def test_the_maximal_policies_are_those_within_the_budget_that_no_single_lift_ke
         return False
 
     expected = {tuple(p) for p in within if not lifts(p)}
+    # The costs rise with the choice here, so `_ranked`'s ranks are the choice indices.
+    assert {tuple(p) for p in pareto._within(per_choice, budget)} == {tuple(p) for p in within}
     found = pareto._maximal(names, table, budget)
     assert {tuple(space.index(m[n]) for n in names) for m in found} == expected
     assert len(found) == len(expected) > 1
     # More maximal policies than runs are worth: none.
+    assert pareto._maximal(names, table, budget, limit=len(expected)) == found
     monkeypatch.setattr(pareto, "MAXIMAL_LIMIT", len(expected) - 1)
     assert pareto._maximal(names, table, budget) is None
+    # Nor when the policies within the budget are too many to list.
+    monkeypatch.setattr(pareto, "LISTED", len(within) - 1)
+    assert pareto._maximal(names, table, budget, limit=100) is None
 
 
 def test_verdict_names_the_best_maximal_policy(pareto):
@@ -207,6 +213,74 @@ def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pa
     model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0, callbacks=[search, keep])
     # No policy within the search's budget has the conv at INT8: this is the kept policy replaced.
     assert fliqs_keras.policy(model) == {"conv": "int8", "logits": "int4"}
+
+
+def test_random_climbs_reach_only_and_every_maximal_policy(pareto):
+    names, per_choice, table, budget = _five_layers(pareto)
+    expected = {tuple(sorted(m.items())) for m in pareto._maximal(names, table, budget)}
+    drawn = pareto._maximal_draws(names, table, budget, np.random.default_rng(0), 200)
+    # Each climb ends maximal, and every maximal policy is reachable: each one's
+    # lower policies fit the budget too.
+    assert {tuple(sorted(m.items())) for m in drawn} == expected
+    assert len(drawn) == len(expected)
+    assert len(pareto._maximal_draws(names, table, budget, np.random.default_rng(0), 1)) == 1
+
+
+def _digits_model(seed=0):
+    """A small searchable conv-BN model of the 8x8 digits."""
+    import keras
+
+    import fliqs_keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    hidden = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(hidden))
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_held_out_accuracy_normalises_with_batch_statistics_and_leaves_the_model_as_it_was(pareto):
+    import keras
+
+    from fliqs_keras import data
+
+    (x, y), _ = data.sklearn_digits(seed=0)
+    model = _digits_model()
+    model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0)
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+    held = (x[256:556], y[256:556])
+    accuracy = pareto._held_out_accuracy(model, held, batch_size=128)
+    # The same batches in training mode, counted by hand; then the variables that pass moved, put back.
+    expected = sum(int((keras.ops.convert_to_numpy(model(held[0][s:s + 128], training=True)).argmax(-1)
+                        == held[1][s:s + 128]).sum()) for s in range(0, 300, 128)) / 300
+    assert accuracy == expected
+    for variable, value in zip(model.non_trainable_variables, before):
+        variable.assign(value)
+    pareto._held_out_accuracy(model, held, batch_size=128)
+    for variable, value in zip(model.non_trainable_variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+def test_uniform_draws_end_in_the_policy_a_function_picks_at_the_freeze(pareto):
+    from fliqs_keras import cost, data
+
+    (x, y), _ = data.sklearn_digits(seed=0)
+    model = _digits_model()
+    called_at = []
+
+    def pick(searchable):
+        called_at.append(draws.step)
+        return {"conv": "int8", "logits": "int4"}
+
+    draws = pareto._UniformDraws(0, 4, pick)
+    model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0, callbacks=[draws])
+    assert called_at == [4]
+    held = {n: f.name for w in ("conv", "logits") for n, f in model.get_layer(w).current_formats().items()}
+    assert held == {"conv": "int8", "logits": "int4"}
+    assert cost.bops(model) == pytest.approx(cost.CostModel(model, "bops").cost(held))
 
 
 def _payload(*results):
