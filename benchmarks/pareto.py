@@ -52,7 +52,11 @@ them. Per seed:
   (uniform in the dearest integer format within the budget, after the
   integer formats above it in equal shares of the first 3/4 of the epochs,
   INT8 first: the schedule of high formats first that a FLIQS run's draws
-  also give its weights); HGQ2 (`hgq2`, its per-weight bit widths learned
+  also give its weights); a supernet search, the one-shot way of SPOS and
+  its quantization successors (the first 3/4 of the steps in per-step
+  uniform draws of every layer's format, then every maximal policy within
+  the budget scored on the held-out slice, each with batch statistics, and
+  the best trained for the rest); HGQ2 (`hgq2`, its per-weight bit widths learned
   under an EBOPs penalty whose weight a PID controller steers to the budget).
 
 The comparison budget is the BOPs of uniform INT4 when the INT4-INT8 accuracy
@@ -1004,7 +1008,7 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
          CEILING: ("darkred", "_"), MAXIMAL: ("salmon", "d"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
-         "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"), "supernet": ("tab:green", "h"),
+         "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"), "supernet": ("darkgreen", "h"),
          "hgq2": ("tab:brown", "v")}
 
 
