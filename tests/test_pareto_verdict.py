@@ -194,19 +194,28 @@ def test_verdict_names_the_best_maximal_policy(pareto):
     assert set(verdict["baseline_bops_ratio_to_budget"]) == {"uniform int2"}  # controls, not baselines
 
 
-def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pareto):
+def _digits_model(seed=0):
+    """A small searchable conv-BN model of the 8x8 digits."""
     import keras
 
+    import fliqs_keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    hidden = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(hidden))
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pareto):
     import fliqs_keras
     from fliqs_keras import data
 
     (x, y), _ = data.sklearn_digits(seed=0)
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    hidden = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
-    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
-    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = _digits_model()
     search = fliqs_keras.FliqsSearch(target="int2*1.1", quality="loss", freeze_at=0.5, max_cost_ratio=1.0, seed=0)
     steps = -(-256 // 32)
     keep = pareto._KeepAtFreeze(steps // 2, {"conv": "int8", "logits": "int4"})
@@ -224,22 +233,6 @@ def test_random_climbs_reach_only_and_every_maximal_policy(pareto):
     assert {tuple(sorted(m.items())) for m in drawn} == expected
     assert len(drawn) == len(expected)
     assert len(pareto._maximal_draws(names, table, budget, np.random.default_rng(0), 1)) == 1
-
-
-def _digits_model(seed=0):
-    """A small searchable conv-BN model of the 8x8 digits."""
-    import keras
-
-    import fliqs_keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 1))
-    hidden = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
-    hidden = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(hidden))
-    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
-    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int2", "int4", "int8"])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
 
 
 def test_held_out_accuracy_normalises_with_batch_statistics_and_leaves_the_model_as_it_was(pareto):
