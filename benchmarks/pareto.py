@@ -610,18 +610,19 @@ def run_supernet(dataset, splits, seed, budget):
     every = _maximal(names, table, budget, SUPERNET_LIMIT)
     candidates = every or _maximal_draws(names, table, budget, np.random.default_rng(2000 + seed),
                                          SUPERNET_DRAWS)
-    scores = []
+    scores, chosen = [], {}
 
     def best(model):
         for candidate in candidates:
             fliqs_keras.set_formats(model, candidate)
             scores.append(_held_out_accuracy(model, splits[1]))
-        return candidates[int(np.argmax(scores))]
+        chosen.update(candidates[int(np.argmax(scores))])
+        return chosen
 
     # The draws of `run_drawn`'s control for this seed: the two differ only in the policy kept.
     draws = _UniformDraws(1000 + seed, _freeze_step(dataset, splits), best)
     trained = _train(searchable, splits, seed, _epochs(dataset), [draws])
-    return {**trained, "policy": candidates[int(np.argmax(scores))], "bops": cost.bops(searchable),
+    return {**trained, "policy": chosen, "bops": cost.bops(searchable),
             "candidates": len(candidates), "every_maximal_policy": every is not None,
             "held_out_accuracy": max(scores), "held_out_accuracy_median": float(np.median(scores))}
 
