@@ -3,8 +3,8 @@ post-training sensitivity search and HGQ2, on the offline digits.
 
 Every method trains the same model (`--model`: `models.digits_resnet`, or
 `models.digits_mobilenet`, whose cheap depthwise layers leave a mixed policy
-more room) from the same initial weights of each seed, for the same epochs
-with the same schedule (Adam, cosine decay from 2e-3), on the same training split;
+more room; `--width` scales its channels) from the same initial weights of each
+seed, for the same epochs with the same schedule (Adam, cosine decay from 2e-3), on the same training split;
 the controller's held-out slice is taken out of the training split for all of
 them. Per seed:
 
@@ -144,6 +144,9 @@ flags.DEFINE_bool("curves", True, "Also the accuracy-BOPs curves: every uniform 
                   "verdicts need (uniform INT2, INT3, INT4, INT8 and the methods at that budget).")
 flags.DEFINE_bool("controls", True, "Also the controls (the kept FLIQS policies retrained; policies trained "
                   "after uniform draws of the formats).")
+flags.DEFINE_float("width", 1.0, "The model's width multiplier (channels scaled, at least 8 each; see "
+                   "fliqs_keras.models): narrower, the low-bit formats cost it more, so the gaps to INT8 widen.")
+flags.register_validator("width", lambda width: width > 0, "--width must be > 0.")
 flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
 flags.DEFINE_integer("epochs", None, "Epochs of every run (default: 8 for mnist, 20 for digits8).")
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON, the PNG and the resume files go.")
@@ -227,8 +230,14 @@ SUPERNET_DRAWS = 100
 
 
 def _stem() -> str:
-    """The name of the results and resume files: the first model's keep their names from before the flag."""
+    """The name of the results and resume files: the first model at width 1 keeps its name from before the flags."""
+    if FLAGS.width != 1:
+        return f"pareto_{FLAGS.model}_width{FLAGS.width:g}"
     return "pareto" if FLAGS.model == "digits_resnet" else f"pareto_{FLAGS.model}"
+
+
+def _model_name() -> str:
+    return FLAGS.model if FLAGS.width == 1 else f"{FLAGS.model} (width {FLAGS.width:g})"
 
 
 def _epochs(dataset: str) -> int:
@@ -249,7 +258,7 @@ def _splits(dataset: str):
 def _build(dataset: str, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     shape = (28, 28, 1) if dataset == "mnist" else (8, 8, 1)
-    return getattr(models, FLAGS.model)(shape)
+    return getattr(models, FLAGS.model)(shape, width=FLAGS.width)
 
 
 def _compile(model, steps=1):
@@ -1091,7 +1100,7 @@ def _plot(results, path):
     figure, axes = plt.subplots(rows, len(results), figsize=(6.5 * len(results), 4.8 * rows), squeeze=False)
     for column, result in enumerate(results):
         _panel(axes[0][column], result["summaries"], result["comparison_bops"],
-               f"{result['dataset']}: {FLAGS.model}, {result['epochs']} epochs, as trained;\n"
+               f"{result['dataset']}: {_model_name()}, {result['epochs']} epochs, as trained;\n"
                f"dotted: the comparison budget, {result['comparison_budget']} BOPs")
         reestimated = result["verdict_with_batch_norm_reestimation"]
         if rows > 1 and reestimated:
@@ -1114,8 +1123,9 @@ def main(argv):
         # The JSON is the store: a dataset not run this time keeps its results, in its place.
         fresh = {r["dataset"]: r for r in results}
         results = [fresh.pop(r["dataset"], r) for r in stored["results"]] + list(fresh.values())
-    payload = {"benchmark": "pareto", "model": f"fliqs_keras.models.{FLAGS.model}", "seeds": FLAGS.seeds,
-               "batch_size": FLAGS.batch_size, "spaces": SPACES, "targets": TARGETS, "results": results}
+    payload = {"benchmark": "pareto", "model": f"fliqs_keras.models.{FLAGS.model}", "width": FLAGS.width,
+               "seeds": FLAGS.seeds, "batch_size": FLAGS.batch_size, "spaces": SPACES, "targets": TARGETS,
+               "results": results}
     results_path.write_text(json.dumps(payload, indent=2))
     _plot(results, output_dir / f"{_stem()}.png")
     for result in results:

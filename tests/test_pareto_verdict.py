@@ -308,3 +308,28 @@ def test_a_missing_resume_file_starts_from_the_results_json_and_an_existing_one_
     kept = {"key": "uniform/int8/0", "accuracy": 0.5, "bops": 160.0}
     path.write_text(json.dumps(kept) + "\n")
     assert pareto.Runs(path, stored).rows == [kept]
+
+
+def test_width_scales_the_model_and_names_its_own_results(pareto):
+    from absl import flags
+    from absl.testing import flagsaver
+
+    if not pareto.FLAGS.is_parsed():
+        pareto.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver():
+        assert pareto._stem() == "pareto"  # the first results keep their name
+        full = pareto._build("mnist", 0)
+        pareto.FLAGS.width = 0.5
+        assert pareto._stem() == "pareto_digits_resnet_width0.5"
+        narrow = pareto._build("mnist", 0)
+        pareto.FLAGS.model = "digits_mobilenet"
+        assert pareto._stem() == "pareto_digits_mobilenet_width0.5"
+        pareto.FLAGS.width = 1.0
+        assert pareto._stem() == "pareto_digits_mobilenet"
+        with pytest.raises(flags.IllegalFlagValueError, match="width must be > 0"):
+            pareto.FLAGS.width = 0.0
+    filters = {model: {layer.name: layer.filters for layer in model.layers if hasattr(layer, "filters")}
+               for model in (full, narrow)}
+    # Halved, and never under 8 channels (the stem's 12 becomes 8, not 6).
+    assert filters[full]["stem_conv"] == 12 and filters[narrow]["stem_conv"] == 8
+    assert filters[full]["stage2_block1_2_conv"] == 48 and filters[narrow]["stage2_block1_2_conv"] == 24
