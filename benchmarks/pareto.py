@@ -97,6 +97,7 @@ comparison budget need, and `--methods` / `--variants` pick the methods.
     .venv/bin/python benchmarks/pareto.py --model=digits_mobilenet --datasets=mnist --curves=false \
         --methods=uniform,random,sensitivity,fliqs --variants=fliqs-loss-budget,fliqs-budget \
         --more_seeds_at_budget=
+    .venv/bin/python benchmarks/pareto.py --width=0.5 --datasets=mnist --curves=false   # half the channels
 """
 
 from __future__ import annotations
