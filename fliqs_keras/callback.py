@@ -10,7 +10,8 @@ It installs a search step in the model's compiled training step. Each step:
 
 1. draws one choice per decision from the policy with noise seeded by
    (seed, step) — uniformly during the warm-up — and makes it current in
-   every layer (single path: one format per layer per step);
+   every layer (single path: one format per layer per step); with
+   ``warmup_draws="high_first"`` the warm-up draws the widest formats first;
 2. trains the shared weights in those formats (the model's own train step);
 3. measures the quality Q of the same formats: accuracy on a slice of the
    held-out data (default, TuNAS-style) or minus the loss on the training
@@ -72,6 +73,7 @@ from fliqs_keras.search_model import SearchModel, decisions, policy
 
 QUALITIES = ("accuracy", "loss")
 COST_CREDITS = ("sampled", "exact")
+WARMUP_DRAWS = ("uniform", "high_first")
 # A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
 SETTLED_NATS = 0.1
 # How far the argmax policy's cost may land from the target before the end of the search says so.
@@ -122,6 +124,14 @@ class FliqsSearch(keras.callbacks.Callback):
             2% at b = 256. The controller averages the noise of a small slice
             over many steps.
         warmup: fraction of the training steps with uniform sampling and a frozen policy.
+        warmup_draws: ``"uniform"`` (default, as FLIQS and TuNAS: every
+            choice of a decision equally likely through the warm-up) or
+            ``"high_first"``: the warm-up in as many equal parts as a decision
+            has bit widths, the first drawing only its widest choices and each
+            next part adding the next narrower width, the last drawing all of
+            them, as progressive QAT trains high formats first. Uniform draws
+            of INT2 from the first step can leave a narrow model's weights
+            worse for every policy (the README's half-width Pareto run).
         freeze_at: fraction of the training steps after which the argmax
             formats are fixed and the remaining steps train them alone
             (1.0, the default: search to the end, as FLIQS does). Must be
@@ -152,6 +162,7 @@ class FliqsSearch(keras.callbacks.Callback):
     def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
                  reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
+                 warmup_draws: str = "uniform",
                  freeze_at: float = 1.0, max_cost_ratio: float | None = None, cost_credit: str = "sampled",
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
                  learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
@@ -165,6 +176,10 @@ class FliqsSearch(keras.callbacks.Callback):
                              "(or use quality='loss').")
         if not 0 <= warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
+        if warmup_draws not in WARMUP_DRAWS:
+            raise ValueError(f"Unknown warmup_draws {warmup_draws!r}; expected one of {WARMUP_DRAWS}.")
+        if warmup_draws != "uniform" and warmup == 0:
+            raise ValueError(f"warmup_draws={warmup_draws!r} orders the warm-up's draws, but warmup=0 leaves none.")
         if not warmup < freeze_at <= 1:
             raise ValueError(f"freeze_at must be a fraction in (warmup, 1], here ({warmup}, 1], got {freeze_at}.")
         if max_cost_ratio is not None and not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
@@ -185,7 +200,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.validation_data = validation_data
         self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
         self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
-        self.freeze_at = float(freeze_at)
+        self.freeze_at, self.warmup_draws = float(freeze_at), warmup_draws
         self.max_cost_ratio = None if max_cost_ratio is None else float(max_cost_ratio)
         self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
         if record_every < 0:
@@ -220,6 +235,14 @@ class FliqsSearch(keras.callbacks.Callback):
                     f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
                     f"({self.cost_metric}), below the cheapest policy of the search space ({cheapest:.6g}).")
         policy = model.controller
+        # Per decision and choice, how many of the decision's bit widths are wider (0: the widest).
+        choices = decisions(model)
+        self._narrowness = np.full(policy.valid.shape, np.iinfo(np.int32).max, np.int32)
+        self._widths = np.ones(len(model.decision_names), np.float32)
+        for row, name in enumerate(model.decision_names):
+            widths = sorted({f.bits for f in choices[name]}, reverse=True)
+            self._narrowness[row, :len(choices[name])] = [widths.index(f.bits) for f in choices[name]]
+            self._widths[row] = len(widths)
         policy.learning_rate, policy.baseline_momentum, policy.seed = (
             float(self.learning_rate), float(self.baseline_momentum), self.seed)
         if self.quality == "accuracy":
@@ -282,7 +305,12 @@ class FliqsSearch(keras.callbacks.Callback):
         warm = step < self.warmup_steps
         # Only an asked-for freeze: a later `fit` on the same model counts its steps on from the first's.
         frozen = step >= self.search_steps if self.freeze_at < 1 else ops.zeros((), "bool")
-        indices = ops.where(frozen, policy.decision(), policy.sample(step, uniform=warm))
+        allowed = None
+        if self.warmup_draws == "high_first":
+            # In part p of the warm-up (of as many parts as the decision has widths), the p + 1 widest.
+            part = ops.floor(ops.cast(step, "float32") / max(self.warmup_steps, 1) * self._widths)
+            allowed = ops.logical_or(ops.logical_not(warm), self._narrowness <= ops.cast(part, "int32")[:, None])
+        indices = ops.where(frozen, policy.decision(), policy.sample(step, uniform=warm, allowed=allowed))
         model.assign_choices(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)

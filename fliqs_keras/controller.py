@@ -211,9 +211,16 @@ class Controller(keras.layers.Layer):
                              f"got {indices.tolist()}.")
         self.chosen.assign(indices)
 
-    def sample(self, step, uniform=False):
-        """One choice per decision for `step` (int32 [decisions]); `uniform` ignores the policy."""
-        logits = self._masked(ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits))
+    def sample(self, step, uniform=False, allowed=None):
+        """One choice per decision for `step` (int32 [decisions]); `uniform` ignores the policy.
+
+        `allowed` ([decisions, max choices] bool), if given, leaves out the
+        choices it marks false; each decision needs one left.
+        """
+        logits = ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits)
+        if allowed is not None:
+            logits = ops.where(allowed, logits, -1e9)
+        logits = self._masked(logits)
         noise = _uniform_noise(tuple(self.logits.shape), self.seed, step)
         gumbel = -ops.log(-ops.log(noise))
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")

@@ -311,3 +311,29 @@ def test_freeze_at_trains_the_argmax_formats_alone_for_the_rest_of_the_run(digit
     for bad in (0.25, 0.1, 1.5):
         with pytest.raises(ValueError, match="freeze_at"):
             fliqs_keras.FliqsSearch(quality="loss", warmup=0.25, freeze_at=bad)
+
+
+def test_high_first_warmup_draws_the_widest_formats_first_then_adds_narrower_ones(digits):
+    def drawn(**options):
+        seen = []
+
+        class Formats(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                layers = fliqs_keras.searchable_layers(self.model)
+                seen.append({w.current_formats()[w.name].name for w in layers})
+
+        _search(digits, epochs=2, quality="loss", validation_data=None, warmup=0.5, callbacks=[Formats()],
+                **options)
+        return seen
+
+    # 48 steps, a warm-up of 24 in three parts of 8 (three widths: INT8, INT4, INT2).
+    seen = drawn(warmup_draws="high_first")
+    assert all(formats == {"int8"} for formats in seen[:8])
+    assert set().union(*seen[8:16]) == {"int8", "int4"}
+    assert "int2" in set().union(*seen[16:24])
+    # Uniform draws (the default) give INT2 from the start, with the same seed.
+    assert "int2" in set().union(*drawn()[:8])
+    with pytest.raises(ValueError, match="Unknown warmup_draws 'low_first'"):
+        fliqs_keras.FliqsSearch(quality="loss", warmup_draws="low_first")
+    with pytest.raises(ValueError, match="warmup=0 leaves none"):
+        fliqs_keras.FliqsSearch(quality="loss", warmup=0.0, warmup_draws="high_first")
