@@ -202,6 +202,13 @@ VARIANTS.update({
     # credit: does a policy that settles on the target need the budget held at all?
     "fliqs-loss-exact": {**VARIANTS["fliqs-loss"], "cost_credit": "exact"},
 })
+VARIANTS.update({
+    # fliqs-loss-budget-exact with the warm-up's draws ordered widest first, as progressive QAT
+    # trains (`warmup_draws="high_first"`), over the default quarter of the steps and over half.
+    "fliqs-loss-budget-exact-high": {**VARIANTS["fliqs-loss-budget-exact"], "warmup_draws": "high_first"},
+    "fliqs-loss-budget-exact-high50": {**VARIANTS["fliqs-loss-budget-exact"], "warmup_draws": "high_first",
+                                       "warmup": 0.5},
+})
 flags.register_validator("variants", lambda names: set(names) <= {"fliqs", *VARIANTS},
                          f"--variants takes names of {['fliqs', *VARIANTS]}.")
 INT2_ROOM = 1.1
@@ -1025,6 +1032,8 @@ STYLE = {"uniform": ("tab:blue", "s"), "fliqs int": ("tab:red", "o"), "fliqs fp"
          "fliqs-loss-budget int": ("darkblue", "P"), "fliqs-loss-budget retrained": ("darkblue", "1"),
          "fliqs-loss-budget-beta4 int": ("magenta", "P"), "fliqs-short-beta4 int": ("magenta", "*"),
          "fliqs-loss-budget-exact int": ("teal", "X"), "fliqs-loss-exact int": ("teal", "D"),
+         "fliqs-loss-budget-exact-high int": ("darkorange", "X"),
+         "fliqs-loss-budget-exact-high50 int": ("darkorange", "P"),
          CEILING: ("darkred", "_"), MAXIMAL: ("salmon", "d"),
          "random": ("tab:gray", "x"), f"random {DRAWN}": ("dimgray", "+"),
          "sensitivity": ("tab:green", "^"), "progressive": ("goldenrod", "<"), "supernet": ("darkgreen", "h"),
@@ -1044,6 +1053,8 @@ def _style(family: str) -> tuple[str, str]:
 
 
 def _panel(axis, summaries, comparison_bops, title):
+    from matplotlib import ticker
+
     seen = set()
     for group, summary in summaries.items():
         family = _family(group)
@@ -1057,6 +1068,11 @@ def _panel(axis, summaries, comparison_bops, title):
                           textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
     axis.axvline(comparison_bops / 1e6, color="gray", linewidth=0.6, linestyle=":")
     axis.set_xscale("log")
+    # Plain numbers, and of the minor ticks only 2x and 5x: matplotlib's own labels of a log axis
+    # that spans one to two decades overlap.
+    axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(ticker.FuncFormatter(
+        lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
     axis.set_xlabel("MBOPs (log)")
     axis.set_ylabel("test accuracy (%), mean ± std of seeds")
     lowest = min(s["mean_accuracy"] - s["std_accuracy"] for s in summaries.values())
