@@ -54,6 +54,8 @@ flags.DEFINE_string("target", "int4", "Cost target: a number, a format (its unif
 flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
 flags.DEFINE_enum("cost_credit", "sampled", ["sampled", "exact"], "How the policy learns the cost term: "
                   "sampled with the quality (REINFORCE, as FLIQS) or exactly per decision (less noise).")
+flags.DEFINE_enum("warmup_draws", "uniform", ["uniform", "high_first"], "The warm-up's format draws: uniform "
+                  "(as FLIQS) or the widest formats first, narrower ones added part by part (helps narrow models).")
 flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
                    "thousand steps; the paper's 5e-3 suits long ones).")
 flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
@@ -184,7 +186,7 @@ def main(argv):
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
         learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
         freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, cost_credit=FLAGS.cost_credit,
-        seed=FLAGS.seed,
+        warmup_draws=FLAGS.warmup_draws, seed=FLAGS.seed,
         cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
     callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
     if isinstance(train, tuple):

@@ -57,9 +57,11 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
 
 
 def test_search_script_runs_mirrored_on_two_logical_cpus(tmp_path):
-    # With the exact cost credit: its batch of alternative policies is costed in every replica's step.
+    # With the exact cost credit (its batch of alternative policies is costed in every replica's step)
+    # and the high-first warm-up (its mask of the choices allowed is built in every replica's step).
     result = _search(tmp_path, "--strategy=mirrored", "--logical_cpus=2", "--noexport_tflite",
-                     "--model=small_cnn", "--search_space=int2,int4,int8", "--cost_credit=exact")
+                     "--model=small_cnn", "--search_space=int2,int4,int8", "--cost_credit=exact",
+                     "--warmup_draws=high_first")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["replicas"] == 2 and set(results["policy"]) == {"conv1", "conv2", "logits"}
