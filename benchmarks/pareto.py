@@ -11,7 +11,7 @@ them. Per seed:
 * uniform QAT in fp32 (the float model), INT2, INT3, INT4, INT8, E4M3, E2M1;
 * FLIQS with integer-only, FP-only and INT+FP choices, each at three BOPs
   targets it can reach and at the comparison budget (quality: held-out
-  accuracy, 16 examples a step), and with integer-only choices in nine
+  accuracy, 16 examples a step), and with integer-only choices in eleven
   variants: 256 held-out examples a step (TuNAS's setting), the training
   batch's loss as the quality (`quality="loss"`), settings for short runs
   (`fliqs-short`: the loss as the quality, 10% warm-up, policy learning
@@ -24,7 +24,10 @@ them. Per seed:
   held, meant to make the learned policy itself fit the budget), and the
   loss-budget and loss settings with the cost term credited exactly per
   decision (`fliqs-loss-budget-exact`, `fliqs-loss-exact`:
-  ``cost_credit="exact"``); and, as a
+  ``cost_credit="exact"``), and the first of those with the warm-up's draws
+  widest first over a quarter and over half of the steps
+  (`fliqs-loss-budget-exact-high`, `-high50`: ``warmup_draws="high_first"``;
+  not in the default `--variants`); and, as a
   control, the `fliqs-loss-budget` policies at the comparison budget trained
   again from scratch with plain QAT (``... retrained``: the same policy
   without the search's training); and, as the other controls, the random
