@@ -131,7 +131,9 @@ class FliqsSearch(keras.callbacks.Callback):
             next part adding the next narrower width, the last drawing all of
             them, as progressive QAT trains high formats first. Uniform draws
             of INT2 from the first step can leave a narrow model's weights
-            worse for every policy (the README's half-width Pareto run).
+            worse for every policy; but a model whose kept policy is mostly
+            INT2 then gets too few steps in it (the README's Pareto runs: it
+            helps one model and hurts the other).
         freeze_at: fraction of the training steps after which the argmax
             formats are fixed and the remaining steps train them alone
             (1.0, the default: search to the end, as FLIQS does). Must be
