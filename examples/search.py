@@ -55,7 +55,8 @@ flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
 flags.DEFINE_enum("cost_credit", "sampled", ["sampled", "exact"], "How the policy learns the cost term: "
                   "sampled with the quality (REINFORCE, as FLIQS) or exactly per decision (less noise).")
 flags.DEFINE_enum("warmup_draws", "uniform", ["uniform", "high_first"], "The warm-up's format draws: uniform "
-                  "(as FLIQS) or the widest formats first, narrower ones added part by part (helps narrow models).")
+                  "(as FLIQS) or the widest formats first, narrower ones added part by part (it helped a narrow "
+                  "ResNet and hurt a MobileNet whose budget keeps mostly INT2: see the README).")
 flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
                    "thousand steps; the paper's 5e-3 suits long ones).")
 flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")

@@ -105,6 +105,19 @@ def _held_out_arrays(validation_data: Any, limit: int):
     return x[:limit], y[:limit]
 
 
+def _draw_order(model: SearchModel) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision and choice, how many of the decision's bit widths are wider (0: the widest; the
+    largest int32 beyond its choices), and per decision its number of distinct widths."""
+    choices = decisions(model)
+    narrowness = np.full(model.controller.valid.shape, np.iinfo(np.int32).max, np.int32)
+    widths = np.ones(len(model.decision_names), np.float32)
+    for row, name in enumerate(model.decision_names):
+        ordered = sorted({f.bits for f in choices[name]}, reverse=True)
+        narrowness[row, :len(choices[name])] = [ordered.index(f.bits) for f in choices[name]]
+        widths[row] = len(ordered)
+    return narrowness, widths
+
+
 class FliqsSearch(keras.callbacks.Callback):
     """Runs the FLIQS one-shot search during `fit` (see the module docstring).
 
@@ -237,14 +250,8 @@ class FliqsSearch(keras.callbacks.Callback):
                     f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
                     f"({self.cost_metric}), below the cheapest policy of the search space ({cheapest:.6g}).")
         policy = model.controller
-        # Per decision and choice, how many of the decision's bit widths are wider (0: the widest).
-        choices = decisions(model)
-        self._narrowness = np.full(policy.valid.shape, np.iinfo(np.int32).max, np.int32)
-        self._widths = np.ones(len(model.decision_names), np.float32)
-        for row, name in enumerate(model.decision_names):
-            widths = sorted({f.bits for f in choices[name]}, reverse=True)
-            self._narrowness[row, :len(choices[name])] = [widths.index(f.bits) for f in choices[name]]
-            self._widths[row] = len(widths)
+        if self.warmup_draws == "high_first":
+            self._narrowness, self._widths = _draw_order(model)
         policy.learning_rate, policy.baseline_momentum, policy.seed = (
             float(self.learning_rate), float(self.baseline_momentum), self.seed)
         if self.quality == "accuracy":

@@ -218,9 +218,8 @@ class Controller(keras.layers.Layer):
         choices it marks false; each decision needs one left.
         """
         logits = ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits)
-        if allowed is not None:
-            logits = ops.where(allowed, logits, -1e9)
-        logits = self._masked(logits)
+        mask = self._valid if allowed is None else ops.logical_and(self._valid, allowed)
+        logits = ops.where(mask, logits, -1e9)
         noise = _uniform_noise(tuple(self.logits.shape), self.seed, step)
         gumbel = -ops.log(-ops.log(noise))
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
