@@ -176,8 +176,10 @@ class Controller(keras.layers.Layer):
 
     # --- the policy -----------------------------------------------------------------
 
-    def _masked(self, logits):
-        return ops.where(self._valid, logits, -1e9)
+    def _masked(self, logits, allowed=None):
+        """`logits` with the choices beyond each decision's (and, if given, those `allowed` marks false) at -1e9."""
+        mask = self._valid if allowed is None else ops.logical_and(self._valid, allowed)
+        return ops.where(mask, logits, -1e9)
 
     def probabilities(self):
         """[decisions, max choices]; zero beyond a decision's choices."""
@@ -217,9 +219,7 @@ class Controller(keras.layers.Layer):
         `allowed` ([decisions, max choices] bool), if given, leaves out the
         choices it marks false; each decision needs one left.
         """
-        logits = ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits)
-        mask = self._valid if allowed is None else ops.logical_and(self._valid, allowed)
-        logits = ops.where(mask, logits, -1e9)
+        logits = self._masked(ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits), allowed)
         noise = _uniform_noise(tuple(self.logits.shape), self.seed, step)
         gumbel = -ops.log(-ops.log(noise))
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
