@@ -211,6 +211,11 @@ def set_formats(model: keras.Model, choice: Any):
     unknown = set(mapping) - set(known)
     if unknown:
         raise ValueError(f"Unknown decisions {sorted(unknown)}; the model has {list(known)}.")
+    # Inside a JAX `fit` the training state lives outside the variables until a sync (which a
+    # callback's `self.model` does, a model captured otherwise does not); the next step then starts
+    # from the variables, so the assignment below reaches it.
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
     for wrapper in wrappers:
         for name in wrapper.decisions:
             if name in mapping:

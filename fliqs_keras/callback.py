@@ -42,8 +42,10 @@ settled can cost far more than the expected cost the reward steered. The
 controller keeps them (`Controller.choose`), so `policy`, the policy file and
 the export agree with what the model trained and evaluates in.
 
-A step whose training loss is not finite is undone (weights and optimizer
-state restored, on one replica) and gives the policy no update.
+A step whose training loss or updated weights are not finite is undone
+(weights and optimizer state restored, on one replica) and gives the policy
+no update: a NaN in the inputs can leave the loss finite (max pooling drops
+it) and still poison the gradients.
 
 No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 (every replica draws the same formats) and TPUs work. The reward, cost ratio,
@@ -328,10 +330,12 @@ class FliqsSearch(keras.callbacks.Callback):
         logs = base_train_step(data)
         # The batch's own training loss, read off Keras's running mean: no extra forward pass.
         batch_loss = (tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
-        finite_loss = ops.isfinite(batch_loss)
-        # A non-finite loss must not poison the weights: undo that step's update.
+        finite = ops.isfinite(batch_loss)
+        for variable in protected:
+            finite = ops.logical_and(finite, ops.all(ops.isfinite(variable.value)))
+        # A non-finite step must not poison the weights: undo its update.
         for variable, value in zip(protected + [tracker.total, tracker.count], saved + [total, count]):
-            variable.assign(ops.where(finite_loss, variable, value))
+            variable.assign(ops.where(finite, variable.value, value))
         if self.quality == "loss":
             quality = -batch_loss
         elif self.freeze_at < 1:
@@ -341,7 +345,7 @@ class FliqsSearch(keras.callbacks.Callback):
         else:
             quality = self._quality(model, step)
         cost = self.costs.graph_cost(indices, model.decision_names)
-        value = ops.where(finite_loss,
+        value = ops.where(finite,
                           controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind),
                           float("nan"))
         penalty = controller_lib.entropy_weight(step, self.search_steps, self.warmup_steps, self.entropy_max,
@@ -351,7 +355,7 @@ class FliqsSearch(keras.callbacks.Callback):
             # The reward is additive: the quality is the sampled part, the cost term the known one.
             known = controller_lib.reward(0.0, self._alternative_costs(model, indices), self.target, self.beta,
                                           self.reward_kind)
-            policy.update(indices, ops.where(finite_loss, quality, float("nan")), penalty, active, known)
+            policy.update(indices, ops.where(finite, quality, float("nan")), penalty, active, known)
         else:
             policy.update(indices, value, penalty, active=active)
         expected = self.costs.expected_cost(policy.probabilities(), model.decision_names)
@@ -373,9 +377,11 @@ class FliqsSearch(keras.callbacks.Callback):
         return self.costs.graph_cost(alternatives, model.decision_names)
 
     def _protected_variables(self, model) -> list:
-        """Weights and optimizer state restored after a non-finite loss (one replica only:
-        the optimizer's slots cannot be assigned per replica under a distribution strategy)."""
-        if model.distribute_strategy.num_replicas_in_sync > 1:
+        """Weights and optimizer state restored after a non-finite step (one replica only:
+        the optimizer's slots cannot be assigned per replica under a tf.distribute strategy; JAX runs one
+        program over all devices, so it has no such limit and no `distribute_strategy`)."""
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None and strategy.num_replicas_in_sync > 1:
             return []
         optimizer_state = [v for v in model.optimizer.variables
                            if "float" in str(v.dtype) and v is not model.optimizer.iterations]

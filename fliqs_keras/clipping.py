@@ -153,5 +153,5 @@ def update_running(table, counts, index, value, momentum: float = 0.99):
     new = ops.where(seen, momentum * old + (1.0 - momentum) * value, value)
     new = ops.where(finite, new, old)
     mask = ops.reshape(selected, (rows,) + (1,) * (len(table.shape) - 1))
-    table.assign(ops.where(mask, ops.expand_dims(new, 0), table))
+    table.assign(ops.where(mask, ops.expand_dims(new, 0), ops.convert_to_tensor(table)))
     counts.assign(counts + ops.cast(ops.logical_and(selected, finite), counts.dtype))

@@ -179,7 +179,7 @@ class Controller(keras.layers.Layer):
     def _masked(self, logits, allowed=None):
         """`logits` with the choices beyond each decision's (and, if given, those `allowed` marks false) at -1e9."""
         mask = self._valid if allowed is None else ops.logical_and(self._valid, allowed)
-        return ops.where(mask, logits, -1e9)
+        return ops.where(mask, ops.convert_to_tensor(logits), -1e9)
 
     def probabilities(self):
         """[decisions, max choices]; zero beyond a decision's choices."""
@@ -199,7 +199,7 @@ class Controller(keras.layers.Layer):
 
     def decision(self):
         """The chosen formats: the `chosen` ones once set (`choose`), else the argmax, int32 [decisions]."""
-        return ops.where(self.chosen >= 0, self.chosen, self.argmax())
+        return ops.where(self.chosen >= 0, self.chosen.value, self.argmax())
 
     def choose(self, indices=None):
         """Keeps `indices` ([decisions]) as the decision in place of the argmax; None clears it."""
@@ -219,7 +219,8 @@ class Controller(keras.layers.Layer):
         `allowed` ([decisions, max choices] bool), if given, leaves out the
         choices it marks false; each decision needs one left.
         """
-        logits = self._masked(ops.where(ops.cast(uniform, "bool"), ops.zeros_like(self.logits), self.logits), allowed)
+        current = self.logits.value
+        logits = self._masked(ops.where(ops.cast(uniform, "bool"), ops.zeros_like(current), current), allowed)
         noise = _uniform_noise(tuple(self.logits.shape), self.seed, step)
         gumbel = -ops.log(-ops.log(noise))
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
@@ -254,7 +255,7 @@ class Controller(keras.layers.Layer):
         finite = ops.logical_and(is_finite, active)
         safe_reward = ops.where(finite, reward_value, 0.0)
         first = ops.equal(self.updates, 0)
-        baseline = ops.where(first, safe_reward, self.baseline)
+        baseline = ops.where(first, safe_reward, self.baseline.value)
         advantage = safe_reward - baseline
 
         gradient = policy_gradient(self.probabilities(), indices, advantage, entropy_penalty, known_rewards)
@@ -268,7 +269,7 @@ class Controller(keras.layers.Layer):
         logits = self.logits - self.learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
 
         def keep(new, old):
-            return ops.where(finite, new, old)
+            return ops.where(finite, new, ops.convert_to_tensor(old))
 
         self.logits.assign(keep(logits, self.logits))
         self.first_moment.assign(keep(m, self.first_moment))

@@ -364,7 +364,7 @@ class _SearchableWrapper(keras.layers.Wrapper):
         # A format never calibrated (no training step in it yet) takes its sign
         # and its clip (max |x|) from the batch itself.
         calibrated = ops.take(counts, index) > 0
-        is_signed = ops.where(calibrated, negative, batch_negative) > 0
+        is_signed = ops.where(calibrated, negative.value, batch_negative) > 0
         grid = ops.where(is_signed, ops.take(signed, index, axis=0), ops.take(unsigned, index, axis=0))
         if training:
             batch_clip = clipping.mse(x32[:ACTIVATION_SAMPLE], grid, fractions=ACTIVATION_FRACTIONS)
@@ -374,7 +374,12 @@ class _SearchableWrapper(keras.layers.Wrapper):
         return quantizers.fake_quant(x, grid, clip=clip)
 
     def _call_layer(self, *args, **kwargs):
-        with keras.StatelessScope(state_mapping=self._quantized_weights()):
+        quantized = self._quantized_weights()
+        replaced = {id(variable) for variable, _ in quantized}
+        # A scope hides the one around it (JAX's training step maps every variable in one), so the
+        # layer's other variables are mapped to the values they have there.
+        others = [(v, v.value) for v in self.layer.variables if id(v) not in replaced]
+        with keras.StatelessScope(state_mapping=quantized + others):
             return self.layer(*args, **kwargs)
 
     # --- serialisation ---------------------------------------------------------------

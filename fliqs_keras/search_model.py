@@ -71,10 +71,41 @@ class SearchModel(keras.Model):
             if wrapper.activation_formats:
                 wrapper.activation_index.assign(indices[position[wrapper.activation_decision]])
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # TensorFlow's step takes (data); JAX's takes (state, data) and returns (logs, state).
         if self.search_step is None:
-            return super().train_step(data)
+            return super().train_step(*args)
+        if keras.backend.backend() == "jax":
+            return self._stateless_search_step(*args)
+        (data,) = args
         return self.search_step(self, data, super().train_step)
+
+    def _stateless_search_step(self, state, data):
+        """The search step as JAX needs it: a pure function of the training state.
+
+        The search step is written with variable reads and assignments, so it
+        runs in a StatelessScope over the whole state (every variable of it
+        mapped: JAX's `fit` empties the variables themselves during an epoch),
+        and the state after it is read back off the scope.
+        """
+        groups = (self.trainable_variables, self.non_trainable_variables, self.optimizer.variables,
+                  self.metrics_variables)
+        mapping = [pair for variables, values in zip(groups, state) for pair in zip(variables, values)]
+        base_train_step = super().train_step
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+
+            def current():
+                return tuple([scope.get_current_value(v) for v in variables] for variables in groups)
+
+            def train_step(data):
+                logs, after = base_train_step(current(), data)
+                for variables, values in zip(groups, after):
+                    for variable, value in zip(variables, values):
+                        variable.assign(value)
+                return logs
+
+            logs = self.search_step(self, data, train_step)
+            return logs, current()
 
 
 def policy(model: Any) -> dict[str, str]:

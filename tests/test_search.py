@@ -183,6 +183,55 @@ def test_nan_loss_skips_the_policy_update_and_keeps_the_policy(digits):
     assert np.isfinite(model.evaluate(x[:256], y[:256], verbose=0)[0])
 
 
+def test_a_nan_input_that_max_pooling_hides_from_the_loss_is_undone_too(digits):
+    (x, y), held_out, _ = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    hidden = keras.layers.MaxPooling2D()(keras.layers.Conv2D(8, 3, activation="relu", name="conv1")(inputs))
+    outputs = keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(hidden))
+    model = fliqs_keras.apply(keras.Model(inputs, outputs), ["int4", "int8"])
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    search = fliqs_keras.FliqsSearch(target="int4", validation_data=held_out, warmup=0.0)
+    bad = x[:64].copy()
+    bad[0, 0, 0, 0] = np.nan
+    losses = []
+
+    class Loss(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            losses.append(float(logs["loss"]))
+
+    model.fit(bad, y[:64], epochs=1, batch_size=64, verbose=0, callbacks=[search, Loss()])
+    # The pooled-away NaN leaves the loss finite but not the gradients: the step is undone all the same.
+    assert np.isfinite(losses).all()
+    assert int(model.controller.skipped.numpy()) == 1 and int(model.controller.updates.numpy()) == 0
+    assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
+
+
+def test_search_on_the_jax_backend(tmp_path):
+    """JAX's step is a pure function of the state: the search's assignments must reach it, and back."""
+    script = ROOT / "tests" / "jax_search.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "jax.json").read_text())
+    assert report["backend"] == "jax"
+    # It learns and settles within the budget (the same search as on TensorFlow above, other random draws).
+    assert report["unsettled"] == {} and report["max_entropy"] < 0.1, report
+    assert 0.8 <= report["final_cost_ratio"] <= 1.1 and report["bops_ratio"] == pytest.approx(
+        report["final_cost_ratio"]), report
+    assert report["test_accuracy"] > 0.9, report
+    assert report["updates"] == report["steps"] - report["warmup_steps"], report
+    # Each record after the warm-up holds a policy of its own, read inside the epoch; the warm-up's are uniform.
+    assert report["distinct_records"] == report["records_after_warmup"] + 1, report
+    assert report["reloaded_policy"] == report["policy"] and report["reloaded_logits_equal"], report
+    # 8 steps: 3 set to INT2, then 5 to INT8, from a callback.
+    assert all(counts == [3, 0, 5] for counts in report["clip_counts"].values()), report
+    kept = report["kept"]
+    assert report["kept_cost_ratio"] <= 1.0 and report["kept_seen_after_freeze"] == [kept, kept], report
+    assert report["budget_changes"] == {n: ["int8", f] for n, f in kept.items() if f != "int8"}, report
+    assert report["nan_skipped"] == 1 and report["nan_updates"] == 5 and report["weights_finite"], report
+
+
 def test_exact_cost_credit_costs_each_alternative_and_settles_on_the_target(digits):
     model = _searchable()
     search = fliqs_keras.FliqsSearch(target="int4", quality="loss", cost_credit="exact")
