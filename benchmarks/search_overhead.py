@@ -18,6 +18,10 @@ configuration). Target: <= 1.15x the time, <= 1.05x the memory.
 search's fixed costs are small against a step, and the one to run on a GPU
 (peak GPU memory is then reported beside the host's RSS).
 
+With KERAS_BACKEND=jax it runs on Keras's JAX backend (no TensorFlow needed),
+which is how it runs on a GPU machine that has JAX but no TensorFlow; the
+files then end in `_jax`.
+
 Writes `search_overhead[_<model>_<size>].json` and `.png` to --output_dir.
 
     .venv/bin/python benchmarks/search_overhead.py [--steps=60] [--rounds=3] [--batch_size=64]
@@ -99,11 +103,34 @@ def _model():
 
 
 def _gpu_peak_mib() -> float | None:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return device.memory_stats()["peak_bytes_in_use"] / 2**20 if device.platform == "gpu" else None
     import tensorflow as tf
 
     if not tf.config.list_physical_devices("GPU"):
         return None
     return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def _batches(x, y):
+    """The pool's batches, cycled: tf.data on TensorFlow, a generator on JAX (which may have no TensorFlow)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        def cycle():
+            while True:
+                for start in range(0, len(x) - FLAGS.batch_size + 1, FLAGS.batch_size):
+                    yield x[start:start + FLAGS.batch_size], y[start:start + FLAGS.batch_size]
+
+        return cycle()
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size, drop_remainder=True).repeat()
 
 
 def _rss_mib() -> float:
@@ -116,8 +143,6 @@ def run_worker(config: str) -> dict:
     import numpy as np
 
     import fliqs_keras
-
-    import tensorflow as tf
 
     keras.utils.set_random_seed(0)
     steps = FLAGS.warmup + FLAGS.steps
@@ -155,11 +180,11 @@ def run_worker(config: str) -> dict:
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])  # waits for the step: on a GPU its launch returns before it runs
             times.append(time.perf_counter() - self.start)
 
     callbacks = [c for c in (switch, Timer()) if c is not None]
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size, drop_remainder=True).repeat()
-    model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
+    model.fit(_batches(x, y), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "config": config,
@@ -180,15 +205,20 @@ def _plot(results, path):
     configs = [r["config"] for r in results["runs"]]
     labels = [c if c == "float" or c.startswith("search") else f"{c} choice{'s' if c != '1' else ''}"
               for c in configs]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(labels, [r["step_seconds_median"] * 1000 for r in results["runs"]], color="tab:blue")
-    left.set_ylabel("median training step (ms)")
-    right.bar(labels, [r["training_increment_mib"] for r in results["runs"]], color="tab:orange")
-    right.set_ylabel("peak RSS above start (MiB)")
-    for axis in (left, right):
+    gpu = all(r.get("gpu_peak_mib") for r in results["runs"])
+    figure, axes = plt.subplots(1, 3 if gpu else 2, figsize=(15 if gpu else 10, 4))
+    axes[0].bar(labels, [r["step_seconds_median"] * 1000 for r in results["runs"]], color="tab:blue")
+    axes[0].set_ylabel("median training step (ms)")
+    axes[1].bar(labels, [r["training_increment_mib"] for r in results["runs"]], color="tab:orange")
+    axes[1].set_ylabel("peak RSS above start (MiB)")
+    if gpu:
+        axes[2].bar(labels, [r["gpu_peak_mib"] for r in results["runs"]], color="tab:green")
+        axes[2].set_ylabel("peak GPU memory (MiB)")
+    for axis in axes:
         axis.tick_params(axis="x", labelsize=8)
     figure.suptitle(f"Single-path search overhead: {results['model']}, batch {results['batch_size']}, "
-                    f"{results['image_size']}x{results['image_size']}, {results['device']}", fontsize=10)
+                    f"{results['image_size']}x{results['image_size']}, {results['device']}, "
+                    f"{results.get('backend', 'tensorflow')}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -201,7 +231,20 @@ def _selected() -> list[str]:
     return [c for c in CONFIGS if c in chosen or c == "1"]
 
 
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def _device() -> str:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return device.device_kind if device.platform == "gpu" else f"CPU ({os.cpu_count()} cores)"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -227,6 +270,7 @@ def summarize(all_runs: list[dict]) -> dict:
     results = {
         "benchmark": "search_overhead",
         "model": FLAGS.model,
+        "backend": _backend(),
         "device": _device(),
         "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size,
@@ -279,7 +323,8 @@ def main(argv):
             output = subprocess.run(
                 [sys.executable, __file__, f"--worker={config}", *flags_passed],
                 capture_output=True, text=True, check=True,
-                env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [str(pathlib.Path(__file__).parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
             all_runs.append(json.loads(output.stdout.strip().splitlines()[-1]))
             print(all_runs[-1])
     results = summarize(all_runs)
@@ -287,6 +332,7 @@ def main(argv):
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = "search_overhead" + ("" if FLAGS.model == "small_resnet" else f"_{FLAGS.model}_{FLAGS.image_size}")
     stem += "" if not FLAGS.configs else "_" + "_".join(_selected())
+    stem += "" if _backend() == "tensorflow" else f"_{_backend()}"
     (output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
     _plot(results, output_dir / f"{stem}.png")
     print(json.dumps(results["ratios"], indent=2), "meets target:", results.get("meets_target"),
