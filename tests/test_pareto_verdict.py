@@ -88,6 +88,27 @@ def test_verdict_fails_for_one_seed_over_the_budget_or_a_small_recovery(pareto):
     assert not verdict["recovers_75_percent"] and not verdict["target_met"]
 
 
+def test_verdict_against_the_issues_baselines_leaves_out_the_added_ones(pareto):
+    summaries = _ladder(pareto, int4=(0.95,) * 3, int3=(0.94,) * 3, int2=(0.895, 0.900, 0.905),
+                        int8=(0.955, 0.960, 0.965))
+    summaries.update({
+        "sensitivity @int2*1.1": pareto._summary(_rows((0.925, 0.930, 0.935), (11.0, 11.0, 11.0))),
+        # Added here: level with FLIQS, with a wide spread.
+        "supernet @int2*1.1": pareto._summary(_rows((0.930, 0.950, 0.970), (11.0, 11.0, 11.0))),
+        "fliqs-loss-budget int @int2*1.1": pareto._summary(_rows((0.945, 0.950, 0.955), (10.0, 11.0, 12.0))),
+    })
+    verdict = pareto._verdict(summaries, "int2*1.1", 11.0)["fliqs-loss-budget int"]
+    # Over the supernet by 0 (spread 0.02): the full verdict fails; over uniform INT2 and the
+    # sensitivity search by 0.05 and 0.02, more than their largest spread (0.005).
+    assert not verdict["above_every_baseline_by_more_than_spread"] and not verdict["target_met"]
+    assert verdict["above_the_issues_baselines_by_more_than_their_spread"]
+    assert verdict["target_met_against_the_issues_baselines"]
+    # The same numbers with the sensitivity search 0.004 under FLIQS: not more than the spread.
+    summaries["sensitivity @int2*1.1"] = pareto._summary(_rows((0.941, 0.946, 0.951), (11.0, 11.0, 11.0)))
+    verdict = pareto._verdict(summaries, "int2*1.1", 11.0)["fliqs-loss-budget int"]
+    assert not verdict["target_met_against_the_issues_baselines"]
+
+
 def test_tilted_draws_hit_the_budget_in_expectation(pareto):
     # 3 layers x 4 choices (rows: choices), as the benchmark's [choices, layers] table.
     per_choice = np.array([[1.0, 2.0, 4.0], [2.25, 4.5, 9.0], [4.0, 8.0, 16.0], [16.0, 32.0, 64.0]])
