@@ -331,8 +331,10 @@ class FliqsSearch(keras.callbacks.Callback):
         # The batch's own training loss, read off Keras's running mean: no extra forward pass.
         batch_loss = (tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
         finite = ops.isfinite(batch_loss)
+        # The weights alone: a non-finite optimizer slot makes its weight's update non-finite too.
         for variable in protected:
-            finite = ops.logical_and(finite, ops.all(ops.isfinite(variable.value)))
+            if variable.trainable:
+                finite = ops.logical_and(finite, ops.all(ops.isfinite(variable.value)))
         # A non-finite step must not poison the weights: undo its update.
         for variable, value in zip(protected + [tracker.total, tracker.count], saved + [total, count]):
             variable.assign(ops.where(finite, variable.value, value))
