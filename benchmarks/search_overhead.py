@@ -102,10 +102,14 @@ def _model():
                            stem="imagenet" if large else "cifar")
 
 
-def _gpu_peak_mib() -> float | None:
+def _backend() -> str:
     import keras
 
-    if keras.backend.backend() == "jax":
+    return keras.backend.backend()
+
+
+def _gpu_peak_mib() -> float | None:
+    if _backend() == "jax":
         import jax
 
         device = jax.devices()[0]
@@ -119,9 +123,7 @@ def _gpu_peak_mib() -> float | None:
 
 def _batches(x, y):
     """The pool's batches, cycled: tf.data on TensorFlow, a generator on JAX (which may have no TensorFlow)."""
-    import keras
-
-    if keras.backend.backend() == "jax":
+    if _backend() == "jax":
         def cycle():
             while True:
                 for start in range(0, len(x) - FLAGS.batch_size + 1, FLAGS.batch_size):
@@ -231,16 +233,8 @@ def _selected() -> list[str]:
     return [c for c in CONFIGS if c in chosen or c == "1"]
 
 
-def _backend() -> str:
-    import keras
-
-    return keras.backend.backend()
-
-
 def _device() -> str:
-    import keras
-
-    if keras.backend.backend() == "jax":
+    if _backend() == "jax":
         import jax
 
         device = jax.devices()[0]
@@ -332,7 +326,8 @@ def main(argv):
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = "search_overhead" + ("" if FLAGS.model == "small_resnet" else f"_{FLAGS.model}_{FLAGS.image_size}")
     stem += "" if not FLAGS.configs else "_" + "_".join(_selected())
-    stem += "" if _backend() == "tensorflow" else f"_{_backend()}"
+    backend = _backend()
+    stem += "" if backend == "tensorflow" else f"_{backend}"
     (output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
     _plot(results, output_dir / f"{stem}.png")
     print(json.dumps(results["ratios"], indent=2), "meets target:", results.get("meets_target"),
