@@ -453,7 +453,7 @@ class _UniformDraws(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.step < self.until:
-            self.model.assign_choices(np.array([self.rng.integers(n) for n in self.sizes], dtype="int32"))
+            self.model.format_state.assign(np.array([self.rng.integers(n) for n in self.sizes], dtype="int32"))
         elif self.step == self.until:
             fliqs_keras.set_formats(self.model, self.final(self.model) if callable(self.final) else self.final)
         self.step += 1
@@ -556,7 +556,7 @@ def _maximal(names, table, budget, limit=None) -> list[dict[str, str]] | None:
 
 
 class _KeepAtFreeze(keras.callbacks.Callback):
-    """From step `at` (a search's freeze), makes the controller keep `assignment` instead of what it learned."""
+    """From step `at` (a search's freeze), makes the model keep `assignment` instead of what the search learned."""
 
     def __init__(self, at, assignment):
         super().__init__()
@@ -566,7 +566,7 @@ class _KeepAtFreeze(keras.callbacks.Callback):
         # After the search's own callback: it keeps its policy within the budget at this step first.
         if self.step == self.at:
             choices = fliqs_keras.decisions(self.model)
-            self.model.controller.choose(np.array(
+            self.model.format_state.keep(np.array(
                 [[c.name for c in choices[n]].index(self.assignment[n]) for n in self.model.decision_names],
                 dtype="int32"))
         self.step += 1

@@ -16,7 +16,7 @@ import keras
 from absl import logging
 from keras.src.models.functional import Functional
 
-from fliqs_keras import formats, layers
+from fliqs_keras import formats, layers, policy_file
 from fliqs_keras.search_model import SearchModel, decisions, searchable_layers, walk_layers
 from fliqs_keras.search_space import SearchSpace
 
@@ -34,6 +34,7 @@ class LayerReport:
     activation_formats: tuple[str, ...] = ()
     decisions: tuple[str, ...] = ()
     reason: str = ""
+    current: tuple[str, ...] = ()  # the format each of its decisions holds now
 
 
 @dataclasses.dataclass
@@ -54,16 +55,19 @@ class Report:
 
     def __str__(self) -> str:
         width = max([len(e.path) for e in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'type':<22}{'status':<10}details"]
+        type_width = max([len(e.layer_type) for e in self.layers] + [4])
+        lines = [f"{'layer':<{width}}  {'type':<{type_width}}  {'status':<10}details"]
         for e in self.layers:
             if e.status in ("searched", "fixed"):
                 detail = "formats " + ", ".join(e.weight_formats or ("float",))
                 if e.activation_formats != e.weight_formats:
                     detail += "; inputs " + ", ".join(e.activation_formats or ("float",))
                 detail += f"; decision {', '.join(e.decisions)}"
+                if e.current:
+                    detail += f"; now {', '.join(e.current)}"
             else:
                 detail = e.reason
-            lines.append(f"{e.path:<{width}}  {e.layer_type:<22}{e.status:<10}{detail}")
+            lines.append(f"{e.path:<{width}}  {e.layer_type:<{type_width}}  {e.status:<10}{detail}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -113,6 +117,10 @@ def _plan(model: keras.Model, space: SearchSpace):
             entries.append(LayerReport(path, layer_type, "skipped", reason=_skip_reason(layer)))
             continue
         resolution = space.resolve(layer.name, layer_type)
+        if resolution.rule is None:
+            entries.append(LayerReport(path, layer_type, "float", reason="no rule of the search space names it "
+                                       "(a '*' rule searches every supported layer)"))
+            continue
         used_rules.add(resolution.rule)
         if resolution.choices.is_float:
             entries.append(LayerReport(path, layer_type, "float", reason=f"left in float by rule {resolution.rule!r}"))
@@ -154,7 +162,7 @@ def apply(model: keras.Model, search_space: Any = None) -> SearchModel:
             that share a decision with different choices.
     """
     _check_model(model)
-    space = SearchSpace.get(search_space if search_space is not None else {})
+    space = SearchSpace.get(search_space) if search_space is not None else SearchSpace()
     plans, entries, warnings = _plan(model, space)
     if not plans:
         raise ValueError(
@@ -199,14 +207,29 @@ def _copy_weights(source: keras.Model, target: keras.Model):
 
 
 def set_formats(model: keras.Model, choice: Any):
-    """Sets the current format of decisions: one format for all, or ``{decision: format}``.
+    """Sets the current format of decisions: one format for all, ``{decision: format}``, or a policy file.
 
-    Raises ValueError naming the decision when a format is not among its choices.
+    The layers then compute in these formats, and `policy`, `report`, the cost,
+    the policy file and the export read them.
+
+    Args:
+        model: a model made by `apply` (or one holding searchable layers).
+        choice: a format for every decision, ``{decision: format}`` for some,
+            or a policy as `export.load_policy` returns it (its decisions).
+
+    Raises:
+        ValueError: naming the decision when a format is not among its
+            choices, for unknown decisions, or for a policy written for
+            another model.
     """
     wrappers = searchable_layers(model)
     if not wrappers:
         raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
     known = decisions(model)
+    if isinstance(choice, dict) and choice.get("kind") == policy_file.KIND:
+        policy_file.validate(choice)
+        policy_file.check_matches(choice, model)
+        choice = choice["decisions"]
     mapping = dict(choice) if isinstance(choice, dict) else {name: choice for name in known}
     unknown = set(mapping) - set(known)
     if unknown:
@@ -216,6 +239,9 @@ def set_formats(model: keras.Model, choice: Any):
     # from the variables, so the assignment below reaches it.
     if hasattr(model, "jax_state_sync"):
         model.jax_state_sync()
+    if isinstance(model, SearchModel):
+        model.format_state.set(mapping)
+        return
     for wrapper in wrappers:
         for name in wrapper.decisions:
             if name in mapping:
@@ -223,20 +249,30 @@ def set_formats(model: keras.Model, choice: Any):
 
 
 def report(model: keras.Model) -> Report:
-    """The report of a model made by `apply` (rebuilt from its layers after a reload)."""
-    stored = getattr(model, "_fliqs_report", None)
-    if stored is not None:
-        return stored
-    if not searchable_layers(model):
+    """What `apply` did to every layer of `model`, with the format each searched layer holds now.
+
+    Rebuilt from the layers after a reload (rules that matched nothing are
+    known only to the model `apply` returned).
+
+    Raises:
+        ValueError: for a model without searchable layers.
+    """
+    wrappers = {path: layer for path, layer in walk_layers(model) if layers.is_searchable(layer)}
+    if not wrappers:
         raise ValueError(f"Model {model.name!r} was not made by fliqs_keras.apply: it has no searchable layers.")
-    entries = []
-    for path, layer in walk_layers(model):
-        if layers.is_searchable(layer):
-            fixed = len(layer.weight_formats) <= 1 and len(layer.activation_formats) <= 1
-            entries.append(LayerReport(
-                path, type(layer.layer).__name__, "fixed" if fixed else "searched",
-                tuple(f.name for f in layer.weight_formats), tuple(f.name for f in layer.activation_formats),
-                tuple(layer.decisions)))
-        else:
-            entries.append(LayerReport(path, type(layer).__name__, "skipped", reason=_skip_reason(layer)))
-    return Report(entries, [])
+    stored = getattr(model, "_fliqs_report", None)
+    if stored is None:
+        entries = []
+        for path, layer in walk_layers(model):
+            if path in wrappers:
+                fixed = len(layer.weight_formats) <= 1 and len(layer.activation_formats) <= 1
+                entries.append(LayerReport(
+                    path, type(layer.layer).__name__, "fixed" if fixed else "searched",
+                    tuple(f.name for f in layer.weight_formats), tuple(f.name for f in layer.activation_formats),
+                    tuple(layer.decisions)))
+            else:
+                entries.append(LayerReport(path, type(layer).__name__, "skipped", reason=_skip_reason(layer)))
+        stored = Report(entries, [])
+    current = {path: tuple(f.name for f in w.current_formats().values()) for path, w in wrappers.items()}
+    return Report([dataclasses.replace(e, current=current[e.path]) if e.path in current else e
+                   for e in stored.layers], list(stored.warnings))

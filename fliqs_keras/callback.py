@@ -39,7 +39,7 @@ With ``max_cost_ratio`` set, the formats frozen (at `freeze_at`, else at the
 end) are not the argmax but the most probable policy found within that
 multiple of the target (`budget`): the argmax of a policy that has not
 settled can cost far more than the expected cost the reward steered. The
-controller keeps them (`Controller.choose`), so `policy`, the policy file and
+model's format state keeps them (`FormatState.keep`), so `policy`, the policy file and
 the export agree with what the model trained and evaluates in.
 
 A step whose training loss or updated weights are not finite is undone
@@ -285,7 +285,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.total_steps = int(total)
         self.search_steps = max(min(math.ceil(self.freeze_at * self.total_steps), self.total_steps), 1)
         self.warmup_steps = min(int(self.warmup * self.total_steps), self.search_steps - 1)
-        self.model.controller.choose(None)
+        self.model.format_state.keep(None)
         self._kept = False
         self.model.search_step = self._search_step
         self.model.make_train_function(force=True)
@@ -321,8 +321,9 @@ class FliqsSearch(keras.callbacks.Callback):
             # In part p of the warm-up (of as many parts as the decision has widths), the p + 1 widest.
             part = ops.floor(ops.cast(step, "float32") / max(self.warmup_steps, 1) * self._widths)
             allowed = ops.logical_or(ops.logical_not(warm), self._narrowness <= ops.cast(part, "int32")[:, None])
-        indices = ops.where(frozen, policy.decision(), policy.sample(step, uniform=warm, allowed=allowed))
-        model.assign_choices(indices)
+        indices = ops.where(frozen, model.format_state.kept_or(policy.argmax()),
+                            policy.sample(step, uniform=warm, allowed=allowed))
+        model.format_state.assign(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
         protected = self._protected_variables(model)
@@ -404,7 +405,7 @@ class FliqsSearch(keras.callbacks.Callback):
         kept = budget.most_probable_within(
             keras.ops.convert_to_numpy(controller.log_probabilities()), controller.valid,
             lambda batch: keras.ops.convert_to_numpy(self.costs.graph_cost(batch, names)), self.cost_limit)
-        controller.choose(kept)
+        model.format_state.keep(kept)
         self._kept = True
         self.budget_changes = {n: (choices[n][a].name, choices[n][k].name)
                                for n, a, k in zip(names, argmax, kept) if a != k}
@@ -456,10 +457,19 @@ class FliqsSearch(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         model = self.model
         model.search_step = None
+        model.make_train_function(force=True)
+        logits = keras.ops.convert_to_numpy(model.controller.logits.value)
+        broken = [name for name, row, valid in zip(model.decision_names, logits, model.controller.valid)
+                  if not np.isfinite(row[valid]).all()]
+        if broken:
+            raise FloatingPointError(
+                f"FliqsSearch: the policy of decisions {broken} has non-finite logits, so "
+                "no formats were chosen. The trained weights are kept, in the formats of the last step: set "
+                "formats with fliqs_keras.set_formats before exporting, or search again.")
         if self.max_cost_ratio is not None and not self._kept:
             self._keep_within_budget()
-        model.assign_choices(model.controller.decision())
-        model.make_train_function(force=True)
+        state = model.format_state
+        state.assign(state.kept_or(model.controller.argmax()))
         chosen = policy(model)
         final = self.costs.cost(chosen)
         self.final_cost_ratio = final / self.target

@@ -2,8 +2,7 @@
 
 The controller knows nothing of Keras layers: it sees decisions (each with a
 number of choices), a reward per step, and the step number. Its state lives
-in Keras variables (logits, the reward baseline, Adam's moments, the formats
-kept in place of the argmax), so that it is saved with the model and restored
+in Keras variables (logits, the reward baseline, Adam's moments), so that it is saved with the model and restored
 by `BackupAndRestore`.
 
 * Policy: an independent softmax per decision over its valid choices; the
@@ -20,8 +19,6 @@ by `BackupAndRestore`.
   `w_H` follows a schedule that is zero until the warm-up ends and grows to its
   maximum at the end of training, so that the policy settles on one choice.
   A non-finite reward skips the update and leaves every state untouched.
-* Decision: the argmax, unless `choose` kept other formats (the most probable
-  policy within a cost limit, `budget`).
 """
 
 from __future__ import annotations
@@ -160,13 +157,11 @@ class Controller(keras.layers.Layer):
         self.updates = self._state("updates", (), "int32")
         self.skipped = self._state("skipped_updates", (), "int32")
         self.baseline = self._state("baseline", ())
-        # The formats kept in place of the argmax (a budget's choice, `decision`); -1: none.
-        self.chosen = self._state("chosen", (len(num_choices),), "int32", initializer=keras.initializers.Constant(-1))
         self.built = True
 
-    def _state(self, name, shape, dtype="float32", initializer="zeros"):
+    def _state(self, name, shape, dtype="float32"):
         # Every replica computes the same update from the same reward: keep the first's.
-        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False,
+        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer="zeros", trainable=False,
                                aggregation="only_first_replica")
 
     @property
@@ -195,23 +190,8 @@ class Controller(keras.layers.Layer):
         return ops.log_softmax(self._masked(self.logits), axis=-1)
 
     def argmax(self):
+        """The most probable choice of each decision, int32 [decisions]."""
         return ops.cast(ops.argmax(self._masked(self.logits), axis=-1), "int32")
-
-    def decision(self):
-        """The chosen formats: the `chosen` ones once set (`choose`), else the argmax, int32 [decisions]."""
-        return ops.where(self.chosen >= 0, self.chosen.value, self.argmax())
-
-    def choose(self, indices=None):
-        """Keeps `indices` ([decisions]) as the decision in place of the argmax; None clears it."""
-        if indices is None:
-            self.chosen.assign(ops.full((len(self.num_choices),), -1, "int32"))
-            return
-        indices = np.asarray(indices, np.int32)
-        if (indices.shape != (len(self.num_choices),)
-                or not all(0 <= i < n for i, n in zip(indices.tolist(), self.num_choices))):
-            raise ValueError(f"choose() needs one valid choice index per decision (choices {self.num_choices}), "
-                             f"got {indices.tolist()}.")
-        self.chosen.assign(indices)
 
     def sample(self, step, uniform=False, allowed=None):
         """One choice per decision for `step` (int32 [decisions]); `uniform` ignores the policy.

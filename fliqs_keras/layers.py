@@ -5,9 +5,10 @@ path, with the axis where its output channels start) and whether its inputs
 are; it has the shape of tfmot's QuantizeConfig, for Keras 3. A wrapper holds
 the layer, its format choices and its state:
 
-* the current choice of each decision, an int variable read inside the
-  compiled step: switching format is an assignment, never a retrace, and only
-  one quantizer runs whatever the number of choices (single path);
+* the current choice of each decision, read inside the compiled step from a
+  `FormatState` (the SearchModel's; a private one for a wrapper used alone):
+  switching format is an assignment, never a retrace, and only one quantizer
+  runs whatever the number of choices (single path);
 * switchable clipping: per (weight, format) one clip fraction per output
   channel, calibrated by MSE (`calibrate_weights`), times the channel's
   current max |w|; per (input, format) a running clip, the MSE-optimal clip of
@@ -29,7 +30,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from fliqs_keras import clipping, formats, quantizers
+from fliqs_keras import clipping, format_state, formats, quantizers
 
 ACTIVATION_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Candidate clip fractions of max |x| for the running activation clips."""
@@ -148,7 +149,20 @@ class FrozenInput:
 
 
 class _SearchableWrapper(keras.layers.Wrapper):
-    """State and quantizers shared by the wrappers of each layer family."""
+    """State and quantizers shared by the wrappers of each layer family.
+
+    Args:
+        layer: the layer to quantize.
+        weight_formats, activation_formats: the choices of its weights and of
+            its inputs (the inputs default to the weights' choices).
+        weight_decision, activation_decision: the decisions they belong to
+            (default: the layer's name).
+        quantize_config: which weights and inputs are quantized (default:
+            the built-in one of the layer's type).
+        activation_momentum: momentum of the running input clips.
+        initial_formats: ``{decision: format}`` the layer holds when used
+            alone (in a SearchModel, the model's state holds them).
+    """
 
     input_names: tuple[str, ...] = ()
 
@@ -161,6 +175,7 @@ class _SearchableWrapper(keras.layers.Wrapper):
         activation_decision: str | None = None,
         quantize_config: QuantizeConfig | dict | None = None,
         activation_momentum: float = 0.9,
+        initial_formats: dict[str, str] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("name", layer.name)
@@ -196,17 +211,20 @@ class _SearchableWrapper(keras.layers.Wrapper):
         if not 0 <= activation_momentum < 1:
             raise ValueError(f"activation_momentum must be in [0, 1), got {activation_momentum}.")
         self.activation_momentum = float(activation_momentum)
+        self._bind(None)
+        self._initial_formats: dict[str, str] = {}
+        for decision, fmt in (initial_formats or {}).items():
+            self.set_format(decision, fmt)
 
     # --- state -----------------------------------------------------------------
 
     def _build_state(self):
-        if self.joint:
-            self.format_index = self.add_weight(
-                name="format_index", shape=(), dtype="int32", initializer="zeros", trainable=False,
-                aggregation="only_first_replica")
-        else:
-            self.weight_index = self._index_variable("weight_format_index", self.weight_formats)
-            self.activation_index = self._index_variable("activation_format_index", self.activation_formats)
+        if self._format_state is None:
+            # Used alone (not in a SearchModel, which binds its own state before any call).
+            state = format_state.FormatState(
+                {name: [f.name for f in fmts] for name, fmts in self.decisions.items()}, name=f"{self.name}_formats")
+            state.set(self._initial_formats)
+            self._bind(state, private=True)
         self._fractions = []
         for path, variable in self._weights_to_quantize():
             channels = self.quantize_config.channels(path, variable.shape)
@@ -226,11 +244,34 @@ class _SearchableWrapper(keras.layers.Wrapper):
                                 trainable=False, aggregation="mean"),
             ))
 
-    def _index_variable(self, name, choices):
-        if not choices:
-            return None
-        return self.add_weight(name=name, shape=(), dtype="int32", initializer="zeros",
-                               trainable=False, aggregation="only_first_replica")
+    def _bind(self, state: format_state.FormatState, private: bool = False):
+        # Not tracked as a sub-layer: the state belongs to the model (or, used alone, to no saved graph),
+        # so its variables are saved once, by their owner.
+        object.__setattr__(self, "_format_state", state)
+        object.__setattr__(self, "_private_state", private)
+
+    def bind_formats(self, state: format_state.FormatState):
+        """Makes `state` (a SearchModel's) the source of this layer's current formats.
+
+        The formats the layer held alone carry over into `state`.
+
+        Raises:
+            ValueError: when `state` lacks one of this layer's decisions or
+                gives it other choices, or the layer already reads another
+                model's state.
+        """
+        if self._format_state is state:
+            return
+        if self._format_state is not None and not self._private_state:
+            raise ValueError(f"Layer {self.name!r} already belongs to another searchable model; build a new model "
+                             "with fliqs_keras.apply instead of sharing its layers.")
+        for name, choices in self.decisions.items():
+            if state.choices.get(name) != choices:
+                raise ValueError(f"Layer {self.name!r}: decision {name!r} has choices {_format_names(choices)} "
+                                 f"here but {_format_names(state.choices.get(name, ()))} in the model's state.")
+        held = self.current_formats() if self._format_state is not None else self._initial_formats
+        state.set(held)
+        self._bind(state)
 
     def _weights_to_quantize(self):
         return self.quantize_config.get_weights(self.layer) if self.weight_formats else []
@@ -246,39 +287,38 @@ class _SearchableWrapper(keras.layers.Wrapper):
         return result
 
     def _weight_index(self):
-        return self.format_index if self.joint else self.weight_index
+        return self._format_state.index(self.weight_decision)
 
     def _activation_index(self):
-        return self.format_index if self.joint else self.activation_index
+        return self._format_state.index(self.activation_decision)
 
     def set_format(self, decision: str, fmt: Any):
-        """Makes `fmt` the current choice of `decision` (an assignment: no retrace)."""
-        fmt = formats.get(fmt)
+        """Makes `fmt` the current choice of `decision` (an assignment: no retrace).
+
+        Raises:
+            ValueError: for a decision this layer does not take part in, or a
+                format not among its choices.
+        """
         if decision not in self.decisions:
             raise ValueError(f"Layer {self.name!r} has no decision {decision!r}; it has {list(self.decisions)}.")
-        choices = self.decisions[decision]
-        if fmt not in choices:
+        fmt = formats.get(fmt)
+        if fmt not in self.decisions[decision]:
             raise ValueError(
                 f"Layer {self.name!r}, decision {decision!r}: {fmt.name} is not among the choices "
-                f"{_format_names(choices)}."
+                f"{_format_names(self.decisions[decision])}."
             )
-        index = choices.index(fmt)
-        if self.joint:
-            self.format_index.assign(index)
+        if self._format_state is None:
+            self._initial_formats[decision] = fmt.name
             return
-        if decision == self.weight_decision and self.weight_formats:
-            self.weight_index.assign(index)
-        if decision == self.activation_decision and self.activation_formats:
-            self.activation_index.assign(index)
+        self._format_state.set({decision: fmt})
 
     def current_formats(self) -> dict[str, formats.Format]:
         """The format each decision of this layer holds now."""
-        result = {}
-        if self.weight_formats:
-            result[self.weight_decision] = self.weight_formats[int(self._weight_index().numpy())]
-        if self.activation_formats:
-            result[self.activation_decision] = self.activation_formats[int(self._activation_index().numpy())]
-        return result
+        if self._format_state is None:
+            return {name: formats.get(self._initial_formats.get(name, choices[0]))
+                    for name, choices in self.decisions.items()}
+        held = self._format_state.formats()
+        return {name: held[name] for name in self.decisions}
 
     # --- numerics ------------------------------------------------------------------
 
@@ -394,6 +434,9 @@ class _SearchableWrapper(keras.layers.Wrapper):
             "quantize_config": keras.saving.serialize_keras_object(self.quantize_config),
             "activation_momentum": self.activation_momentum,
         })
+        if self._format_state is None or self._private_state:
+            # Used alone, the layer's current formats are its own to save; in a SearchModel the model saves them.
+            config["initial_formats"] = {name: fmt.name for name, fmt in self.current_formats().items()}
         return config
 
 

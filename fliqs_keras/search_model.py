@@ -5,9 +5,10 @@ like any Keras model, in the formats its layers currently hold (fixed-format
 QAT). With one, each training step also draws the formats, trains in them and
 updates the policy, all inside the compiled step (see `callback`).
 
-The controller is a sub-layer, so its logits, baseline, Adam moments and
-update count are saved by `.keras` files, `ModelCheckpoint` and
-`BackupAndRestore` with the rest of the model.
+The model owns one `FormatState` (the current and kept format of every
+decision, which its layers read) and the controller; both are sub-layers, so
+`.keras` files, `ModelCheckpoint` and `BackupAndRestore` save them with the
+rest of the model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import keras
 
 from fliqs_keras import formats, layers
 from fliqs_keras.controller import Controller
+from fliqs_keras.format_state import FormatState
 
 
 def walk_layers(model: keras.Model, prefix: str = ""):
@@ -52,24 +54,16 @@ class SearchModel(keras.Model):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.decision_names = list(decisions(self))
-        if not self.decision_names:
-            raise ValueError(f"SearchModel {self.name!r} has no searchable layers: build it with fliqs_keras.apply.")
         choices = decisions(self)
+        if not choices:
+            raise ValueError(f"SearchModel {self.name!r} has no searchable layers: build it with fliqs_keras.apply.")
+        self.decision_names = list(choices)
+        self.format_state = FormatState({name: [f.name for f in fmts] for name, fmts in choices.items()},
+                                        name="fliqs_formats")
+        for wrapper in searchable_layers(self):
+            wrapper.bind_formats(self.format_state)
         self.controller = Controller([len(choices[name]) for name in self.decision_names], name="fliqs_controller")
         self.search_step = None
-
-    def assign_choices(self, indices):
-        """Makes choice `indices` ([decisions] int, in `decision_names` order) current in every layer."""
-        position = {name: i for i, name in enumerate(self.decision_names)}
-        for wrapper in searchable_layers(self):
-            if wrapper.joint:
-                wrapper.format_index.assign(indices[position[wrapper.weight_decision]])
-                continue
-            if wrapper.weight_formats:
-                wrapper.weight_index.assign(indices[position[wrapper.weight_decision]])
-            if wrapper.activation_formats:
-                wrapper.activation_index.assign(indices[position[wrapper.activation_decision]])
 
     def train_step(self, *args):
         # TensorFlow's step takes (data); JAX's takes (state, data) and returns (logs, state).
@@ -109,10 +103,16 @@ class SearchModel(keras.Model):
 
 
 def policy(model: Any) -> dict[str, str]:
-    """The format the policy chooses for each decision, JSON-serialisable: its argmax, or the
-    formats a cost limit kept in its place (`FliqsSearch(max_cost_ratio=...)`)."""
+    """The format each decision of a searchable model holds, JSON-serialisable.
+
+    After a search these are the chosen formats (the argmax, or those a cost
+    limit kept, `FliqsSearch(max_cost_ratio=...)`); after `set_formats`, the
+    ones set. The layers compute in them and the cost, the policy file and
+    the export read them.
+
+    Raises:
+        ValueError: for a model not made by `fliqs_keras.apply`.
+    """
     if not isinstance(model, SearchModel):
         raise ValueError(f"policy() needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
-    choices = decisions(model)
-    chosen = keras.ops.convert_to_numpy(model.controller.decision())
-    return {name: choices[name][int(index)].name for name, index in zip(model.decision_names, chosen)}
+    return {name: fmt.name for name, fmt in model.format_state.formats().items()}

@@ -7,7 +7,8 @@ A `SearchSpace` is an ordered set of rules. Each rule maps layers to choices:
 * ``None`` or ``"float"``: the layer is left in float.
 
 A rule's key says which layers it matches: ``"*"`` matches every supported
-layer; a Keras class name (``"Dense"``, ``"DepthwiseConv2D"``) matches layers
+layer (a supported layer that no rule matches stays in float, and the report
+says so); a Keras class name (``"Dense"``, ``"DepthwiseConv2D"``) matches layers
 of that type; anything else is a regular expression that must match the whole
 layer name. The most specific rule wins: a name rule over a type rule over
 ``"*"``; among name rules, the first that matches. With
@@ -70,7 +71,7 @@ class Resolution:
     """What the search space says of one layer."""
 
     choices: Choices
-    rule: str
+    rule: str | None  # None: no rule matches the layer
     weight_decision: str
     activation_decision: str
 
@@ -129,9 +130,10 @@ class SearchSpace:
     """Rules that give every layer its format choices (see the module docstring).
 
     Args:
-        rules: ``{key: value}`` in priority order for name rules. Without a
-            ``"*"`` rule, supported layers not named by a rule get
-            `DEFAULT_CHOICES`.
+        rules: ``{key: value}`` in priority order for name rules, or a list
+            of formats (or ``"int4,int8"``) for every supported layer. None
+            means ``{"*": DEFAULT_CHOICES}``. Supported layers that no rule
+            matches stay in float.
         separate_activations: one decision for weights and one for
             activations per layer (default: a single decision for both).
         decisions: ``"layer"``, ``"global"`` or ``{group: regex}``.
@@ -143,8 +145,14 @@ class SearchSpace:
         separate_activations: bool = False,
         decisions: str | Mapping[str, str] = "layer",
     ):
-        rules = dict(rules or {})
-        rules.setdefault("*", list(DEFAULT_CHOICES))
+        if rules is None:
+            rules = {"*": list(DEFAULT_CHOICES)}
+        elif isinstance(rules, (str, Sequence)):
+            rules = {"*": _format_list(rules)}
+        elif not isinstance(rules, Mapping):
+            raise ValueError(f"A search space's rules must be a dict, a list of formats or a string of them, "
+                             f"got {type(rules).__name__} {rules!r}.")
+        rules = dict(rules)
         self.separate_activations = bool(separate_activations)
         self.rules: list[Rule] = []
         for key, value in rules.items():
@@ -178,25 +186,18 @@ class SearchSpace:
         """A search space from a SearchSpace, a rule dict, a list of formats or "int4,int8"."""
         if isinstance(identifier, SearchSpace):
             return identifier
-        if isinstance(identifier, Mapping):
-            if "rules" in identifier:
-                return cls.from_config(dict(identifier))
+        if isinstance(identifier, Mapping) and "rules" in identifier:
+            return cls.from_config(dict(identifier))
+        if isinstance(identifier, (Mapping, str, Sequence)):
             return cls(identifier)
-        if isinstance(identifier, str):
-            names = [name for name in identifier.split(",") if name.strip()]
-            if not names:
-                raise ValueError("An empty search space: name at least one format.")
-            return cls({"*": names})
-        if isinstance(identifier, Sequence):
-            if not identifier:
-                raise ValueError("An empty search space: name at least one format.")
-            return cls({"*": list(identifier)})
         raise ValueError(f"Cannot make a search space from {identifier!r}.")
 
     def resolve(self, layer_name: str, layer_type: str) -> Resolution:
-        """The choices and decisions of one layer."""
+        """The choices and decisions of one layer; float choices and rule None when no rule matches it."""
         rule = self._match(layer_name, layer_type)
         weight_decision, activation_decision = self._decision_names(layer_name)
+        if rule is None:
+            return Resolution(Choices((), ()), None, weight_decision, activation_decision)
         return Resolution(rule.choices, rule.key, weight_decision, activation_decision)
 
     def explicit_rule(self, layer_name: str, layer_type: str) -> Rule | None:
@@ -206,9 +207,9 @@ class SearchSpace:
                 return rule
         return next((r for r in self.rules if r.kind == "type" and r.key == layer_type), None)
 
-    def _match(self, layer_name: str, layer_type: str) -> Rule:
+    def _match(self, layer_name: str, layer_type: str) -> Rule | None:
         rule = self.explicit_rule(layer_name, layer_type)
-        return rule or next(r for r in self.rules if r.kind == "default")
+        return rule or next((r for r in self.rules if r.kind == "default"), None)
 
     def _decision_names(self, layer_name: str) -> tuple[str, str]:
         if self.decisions == "global":
@@ -246,6 +247,14 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.get_config()!r})"
+
+
+def _format_list(value: str | Sequence[Any]) -> list[Any]:
+    """The formats of ``"int4,int8"`` or of a list; ValueError when there are none."""
+    names = [n for n in value.split(",") if n.strip()] if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError("An empty search space: name at least one format.")
+    return names
 
 
 def _is_type_name(key: str) -> bool:

@@ -230,16 +230,7 @@ def test_state_serialises_with_keras():
     assert math.isclose(float(again.baseline.numpy()), float(policy.baseline.numpy()))
 
 
-def test_chosen_formats_take_the_place_of_the_argmax_until_cleared():
+def test_log_probabilities_sum_to_one_per_decision():
     policy = Controller([2, 3])
     policy.logits.assign(np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]], np.float32))
-    np.testing.assert_array_equal(policy.decision().numpy(), [1, 0])
-    policy.choose([0, 2])
-    np.testing.assert_array_equal(policy.decision().numpy(), [0, 2])
-    np.testing.assert_array_equal(policy.argmax().numpy(), [1, 0])
-    policy.choose(None)
-    np.testing.assert_array_equal(policy.decision().numpy(), [1, 0])
-    for bad in ([0, 3], [2, 0], [0]):  # decision 0 has two choices, decision 1 three
-        with pytest.raises(ValueError, match="one valid choice index per decision"):
-            policy.choose(bad)
     np.testing.assert_allclose(np.exp(policy.log_probabilities().numpy())[policy.valid].sum(), 2.0, rtol=1e-6)
