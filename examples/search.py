@@ -67,11 +67,12 @@ flags.DEFINE_float("max_cost_ratio", None, "If set, the kept formats cost at mos
 flags.DEFINE_integer("bn_reestimation_examples", 4096, "Training examples on which the batch norms' moving "
                      "statistics are re-estimated after the search, in the chosen formats (0: keep the "
                      "statistics averaged over the search's steps).")
-flags.DEFINE_integer("epochs", 8, "Training epochs.")
-flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the weights.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the format draws.")
-flags.DEFINE_integer("max_train_examples", None, "Train on at most this many examples (offline datasets).")
+flags.DEFINE_integer("max_train_examples", None, "Train on at most this many examples (offline datasets).",
+                     lower_bound=1)
 flags.DEFINE_string("strategy", "default", "default, mirrored (all local devices) or tpu (with --tpu).")
 flags.DEFINE_string("tpu", None, "TPU address or name for --strategy=tpu.")
 flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into this many logical devices (to try --strategy="
@@ -160,8 +161,16 @@ def _search_space():
     return FLAGS.search_space
 
 
+def _check_flags():
+    output = pathlib.Path(FLAGS.output_dir)
+    blocking = next((p for p in [output, *output.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise app.UsageError(f"--output_dir={FLAGS.output_dir}: {blocking} is a file, not a folder.")
+
+
 def main(argv):
     del argv
+    _check_flags()
     if FLAGS.logical_cpus:
         import tensorflow as tf
 
@@ -172,7 +181,7 @@ def main(argv):
     import keras
 
     import fliqs_keras
-    from fliqs_keras import cost, export, plots
+    from fliqs_keras import cost, export, files, plots
 
     keras.utils.set_random_seed(FLAGS.seed)
     train, held, test, representative, input_shape, classes = _data()
@@ -222,8 +231,8 @@ def main(argv):
                                       for name, (a, k) in search.budget_changes.items()},
     }
     export.save_policy(searchable, output / "policy.json")
-    searchable.save(output / "searched.keras")
-    export.fixed_model(searchable).save(output / "fixed.keras")
+    files.save_model(searchable, output / "searched.keras")
+    files.save_model(export.fixed_model(searchable), output / "fixed.keras")
     verification = None
     if FLAGS.export_tflite:
         try:
@@ -236,7 +245,7 @@ def main(argv):
         else:
             results["tflite_argmax_agreement"] = verification.argmax_agreement
     plots.search_figure(search.history, chosen, costs, output / "search.png")
-    (output / "results.json").write_text(json.dumps(results, indent=2))
+    files.write_text(output / "results.json", json.dumps(results, indent=2))
 
     # The tables are this script's output, so they go to stdout.
     print(cost.summary(searchable))

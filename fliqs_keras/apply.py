@@ -86,6 +86,11 @@ def _check_model(model: Any):
             f"Model {model.name!r} is not built: give it a keras.Input (or call model.build(shape)) "
             "before apply, so that every layer has its weights."
         )
+    if searchable_layers(model):
+        raise ValueError(
+            f"Model {model.name!r} is already searchable (made by fliqs_keras.apply): change its formats with "
+            "fliqs_keras.set_formats, or apply the search space to the original model."
+        )
 
 
 def _skip_reason(layer: keras.layers.Layer) -> str:
@@ -117,6 +122,13 @@ def _plan(model: keras.Model, space: SearchSpace):
             entries.append(LayerReport(path, layer_type, "skipped", reason=_skip_reason(layer)))
             continue
         resolution = space.resolve(layer.name, layer_type)
+        policy = layer.dtype_policy
+        if resolution.rule is not None and not resolution.choices.is_float and (
+                policy.compute_dtype != "float32" or policy.variable_dtype != "float32"):
+            raise ValueError(
+                f"Layer {path!r} computes in {policy.compute_dtype} (dtype policy {policy.name!r}); the formats "
+                "are simulated exactly in float32, so searchable layers need the 'float32' policy: build the "
+                "model after keras.config.set_dtype_policy('float32'), or leave the layer in float with a rule.")
         if resolution.rule is None:
             entries.append(LayerReport(path, layer_type, "float", reason="no rule of the search space names it "
                                        "(a '*' rule searches every supported layer)"))

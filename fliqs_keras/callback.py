@@ -42,10 +42,11 @@ settled can cost far more than the expected cost the reward steered. The
 model's format state keeps them (`FormatState.keep`), so `policy`, the policy file and
 the export agree with what the model trained and evaluates in.
 
-A step whose training loss or updated weights are not finite is undone
-(weights and optimizer state restored, on one replica) and gives the policy
-no update: a NaN in the inputs can leave the loss finite (max pooling drops
-it) and still poison the gradients.
+A step whose training loss or updated state (weights, batch-norm statistics,
+clips) is not finite is undone (every variable it changed restored, on one
+replica) and gives the policy no update: a NaN in the inputs can leave the
+loss finite (max pooling drops it) and still poison the weights or the
+batch norms' moving statistics.
 
 No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
 (every replica draws the same formats) and TPUs work. The reward, cost ratio,
@@ -92,6 +93,9 @@ def _held_out_arrays(validation_data: Any, limit: int):
         for batch in validation_data.as_numpy_iterator():
             if not isinstance(batch, tuple) or len(batch) < 2:
                 raise ValueError("validation_data must yield (x, y) batches.")
+            if np.ndim(batch[1]) == 0:
+                raise ValueError("validation_data yields single examples (scalar labels), not batches: "
+                                 "batch it first, e.g. dataset.batch(256).")
             xs.append(batch[0])
             ys.append(batch[1])
             count += len(batch[0])
@@ -222,6 +226,15 @@ class FliqsSearch(keras.callbacks.Callback):
         self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}.")
+        for name, value in (("held_out_size", held_out_size), ("held_out_batch_size", held_out_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate (the policy's) must be a finite number > 0, got {learning_rate!r}.")
+        if not (isinstance(baseline_momentum, (int, float)) and 0 <= baseline_momentum < 1):
+            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum!r}.")
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
         self.total_steps_arg, self.cost_table, self.log_dir = total_steps, cost_table, log_dir
         self.record_every = int(record_every)
         self.history: list[dict[str, Any]] = []
@@ -268,6 +281,14 @@ class FliqsSearch(keras.callbacks.Callback):
                 y = np.argmax(y, axis=-1)
             if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
                 raise ValueError(f"validation_data labels must be class indices or one-hot, got shape {y.shape}.")
+            classes = prediction.shape[-1]
+            if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise ValueError(f"validation_data labels must be integer class indices, got {y.dtype} values such "
+                                 f"as {y.reshape(-1)[:3].tolist()}.")
+            outside = (y < 0) | (y >= classes)
+            if outside.any():
+                raise ValueError(f"validation_data has {int(outside.sum())} labels outside the model's {classes} "
+                                 f"classes [0, {classes - 1}], e.g. {y.reshape(-1)[outside.reshape(-1)][:3].tolist()}.")
             # Tensors made here are captured by the traced step as inputs; NumPy
             # arrays would be embedded in the graph as constants, copied by every
             # graph pass.
@@ -326,15 +347,17 @@ class FliqsSearch(keras.callbacks.Callback):
         model.format_state.assign(indices)
         tracker = model._loss_tracker
         total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
-        protected = self._protected_variables(model)
+        own, others = self._protected_variables(model)
+        protected = own + others
         saved = [ops.copy(v.value) for v in protected]
         logs = base_train_step(data)
         # The batch's own training loss, read off Keras's running mean: no extra forward pass.
         batch_loss = (tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
         finite = ops.isfinite(batch_loss)
-        # The weights alone: a non-finite optimizer slot makes its weight's update non-finite too.
-        for variable in protected:
-            if variable.trainable:
+        # The model's own state (weights, batch-norm statistics, clips); a non-finite optimizer slot
+        # makes its weight's update non-finite too, so the slots need no check.
+        for variable in own:
+            if "float" in str(variable.dtype):
                 finite = ops.logical_and(finite, ops.all(ops.isfinite(variable.value)))
         # A non-finite step must not poison the weights: undo its update.
         for variable, value in zip(protected + [tracker.total, tracker.count], saved + [total, count]):
@@ -379,16 +402,20 @@ class FliqsSearch(keras.callbacks.Callback):
         alternatives = ops.where(replaced, choice, ops.cast(indices, "int32")[None, None, :])
         return self.costs.graph_cost(alternatives, model.decision_names)
 
-    def _protected_variables(self, model) -> list:
-        """Weights and optimizer state restored after a non-finite step (one replica only:
-        the optimizer's slots cannot be assigned per replica under a tf.distribute strategy; JAX runs one
-        program over all devices, so it has no such limit and no `distribute_strategy`)."""
+    def _protected_variables(self, model) -> tuple[list, list]:
+        """(the model's own variables, the optimizer's and the metrics'): every variable a training step
+        changes, restored after a non-finite step. On one replica only: the optimizer's slots cannot be
+        assigned per replica under a tf.distribute strategy (JAX runs one program over all devices, so it
+        has no such limit and no `distribute_strategy`)."""
         strategy = getattr(model, "distribute_strategy", None)
         if strategy is not None and strategy.num_replicas_in_sync > 1:
-            return []
+            return [], []
+        tracker = {id(model._loss_tracker.total), id(model._loss_tracker.count)}
+        own = list(model.trainable_variables) + list(model.non_trainable_variables)
         optimizer_state = [v for v in model.optimizer.variables
                            if "float" in str(v.dtype) and v is not model.optimizer.iterations]
-        return list(model.trainable_variables) + optimizer_state
+        metrics = [v for v in model.metrics_variables if id(v) not in tracker]
+        return own, optimizer_state + metrics
 
     # --- reporting and the end ---------------------------------------------------------------
 

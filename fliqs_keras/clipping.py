@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -114,10 +115,27 @@ CALIBRATORS: dict[str, Callable[..., Any]] = {
 
 
 def calibrate(x, fmt: Any, method: str = "mse", axis: int | None = None, **options):
-    """The clip of `x` for `fmt` by the calibrator named `method` (see `CALIBRATORS`)."""
+    """The clip of `x` for `fmt` by the calibrator named `method` (see `CALIBRATORS`).
+
+    Raises:
+        ValueError: for an unknown calibrator, or an `x` with NaN or
+            infinite values (when `x` is concrete: the running clips of a
+            compiled step skip non-finite observations themselves).
+    """
     if method not in CALIBRATORS:
         raise ValueError(f"Unknown clip calibrator {method!r}; expected one of {sorted(CALIBRATORS)}.")
+    _reject_non_finite(x)
     return CALIBRATORS[method](x, fmt, axis, **options)
+
+
+def _reject_non_finite(x):
+    try:
+        values = np.asarray(keras.ops.convert_to_numpy(x))
+    except Exception:  # noqa: BLE001 - a traced tensor has no values to check; each backend raises its own
+        return
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ValueError(f"Cannot calibrate a clip on values with NaN or infinity ({bad} of {np.size(values)}).")
 
 
 def calibrate_formats(x, fmts, method: str = "mse", axis: int | None = None, **options):

@@ -197,6 +197,12 @@ class CostModel:
             missing = [e.path for e in self.layers if e.path not in self.table]
             if missing:
                 raise ValueError(f"The cost table has no entry for layers {missing}.")
+            # Every pair the search can draw: a missing one would cost NaN in the step and teach nothing.
+            lacking = [f"{e.path}/{f.name}" for e in self.layers
+                       for f in (e.weight_choices or (formats.get("fp32"),)) if f.name not in self.table[e.path]]
+            if lacking:
+                raise ValueError(f"The cost table has no cost for {len(lacking)} (layer, format) pairs the search "
+                                 f"can draw: {lacking}.")
         else:
             self.table = None
 

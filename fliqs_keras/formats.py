@@ -307,6 +307,8 @@ def get(identifier: Any) -> Format:
     """
     if isinstance(identifier, (IntFormat, FloatFormat)):
         return identifier
+    if identifier is None:
+        raise ValueError(f"No number format given (got None). Accepted: {ACCEPTED}.")
     if isinstance(identifier, str):
         return _parse(identifier)
     if isinstance(identifier, dict):

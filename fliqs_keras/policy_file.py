@@ -18,7 +18,7 @@ from typing import Any
 import keras
 
 from fliqs_keras import cost as cost_lib
-from fliqs_keras import formats, layers
+from fliqs_keras import files, formats, layers
 from fliqs_keras.search_model import decisions, walk_layers
 
 KIND = "fliqs_keras.policy"
@@ -81,7 +81,7 @@ def save_policy(policy: Any, path: str | pathlib.Path) -> dict[str, Any]:
     if isinstance(policy, keras.Model):
         policy = build_policy(policy)
     validate(policy, str(path))
-    pathlib.Path(path).write_text(json.dumps(policy, indent=1, sort_keys=False))
+    files.write_text(path, json.dumps(policy, indent=1, sort_keys=False))
     return policy
 
 
@@ -89,9 +89,12 @@ def load_policy(path: str | pathlib.Path) -> dict[str, Any]:
     """Reads and checks a policy file; ValueError says which file and what is wrong."""
     path = pathlib.Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise ValueError(f"Cannot read policy file {str(path)!r}: {error}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"Policy file {str(path)!r} is not text (a binary or corrupt file?): it is not "
+                         "UTF-8 JSON.") from None
     try:
         policy = json.loads(text)
     except json.JSONDecodeError as error:
@@ -124,6 +127,7 @@ def validate(policy: Any, where: str = "policy"):
         for decision in entry["decisions"]:
             if decision not in policy["decisions"]:
                 raise ValueError(f"{where}: layer {path!r} names decision {decision!r}, which has no format.")
+        _check_layer_follows_decisions(entry, policy["decisions"], f"{where}: layer {path!r}")
         for weight, scales in entry["weight_scales"].items():
             if not scales or not all(_positive(s) for s in scales):
                 raise ValueError(f"{where}: layer {path!r} weight {weight!r} needs positive finite scales.")
@@ -143,6 +147,21 @@ def check_matches(policy: dict[str, Any], model: keras.Model, where: str = "poli
         if formats.get(fmt) not in known[name]:
             raise ValueError(f"{where}: decision {name!r} chooses {fmt}, which is not among the model's choices "
                              f"{[f.name for f in known[name]]}.")
+
+
+def _check_layer_follows_decisions(entry: dict[str, Any], chosen: dict[str, str], where: str):
+    """A layer's formats are its decisions': one decision for both, or the weights' then the inputs'."""
+    held = [(field, entry[field]) for field in ("weight_format", "activation_format") if entry[field] is not None]
+    names = entry["decisions"]
+    if len(names) == 1:
+        pairs = [(field, fmt, names[0]) for field, fmt in held]
+    elif len(names) == 2 and len(held) == 2:
+        pairs = [(field, fmt, name) for (field, fmt), name in zip(held, names)]
+    else:
+        raise ValueError(f"{where} has {len(names)} decisions {names} for {len(held)} quantized formats.")
+    for field, fmt, name in pairs:
+        if formats.get(fmt) != formats.get(chosen[name]):
+            raise ValueError(f"{where} has {field} {fmt}, but its decision {name!r} chooses {chosen[name]}.")
 
 
 def _check_format(name: Any, where: str):

@@ -232,6 +232,9 @@ def fake_quant(x, fmt: Any, clip: Any = None, axis: int | None = None):
     Returns:
         A tensor of the same shape and dtype as `x`.
     """
+    if fmt is None:
+        raise ValueError("fake_quant needs a format (a name, a format object or a grid tensor of shape [4]), "
+                         "got None.")
     if isinstance(fmt, (str, dict, formats.IntFormat, formats.FloatFormat)):
         grid = grid_tensor(fmt)
     else:

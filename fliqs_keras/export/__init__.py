@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from fliqs_keras import formats
+from fliqs_keras import files, formats
 from fliqs_keras.export import annotations, legalize, tflite
 from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
@@ -77,6 +77,7 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
     """
     if not isinstance(model, SearchModel):
         raise ValueError(f"to_tflite needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
+    path = files.destination(path)
     examples = _examples(representative_data, model)
     policy = build_policy(model)
     plans = legalize.plan(policy)
@@ -91,7 +92,7 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
         for p in plans if p.annotated and p.layer in kernels}
     content = annotations.add_metadata(content, {annotations.POLICY_METADATA: policy,
                                                  annotations.ANNOTATION_METADATA: annotated})
-    tflite.write(path, content)
+    files.write_bytes(path, content)
     check = verify_annotations(content)
     agreement, difference = _compare(model, content, examples[:verify_samples])
     result = Verification(str(path), min(len(examples), verify_samples), agreement, difference, plans, check,
@@ -124,13 +125,14 @@ def _saturation(plans: list[LayerPlan], policy: dict[str, Any]) -> dict[str, tup
 
 def _examples(data: Any, model: keras.Model) -> np.ndarray:
     shape = tuple(model.inputs[0].shape[1:])
+    wanted = np.dtype(model.inputs[0].dtype)
     if isinstance(data, np.ndarray) or hasattr(data, "shape"):
-        array = np.asarray(data, np.float32)
+        array = _input_array(data, wanted)
     else:
         parts = []
         for item in data:
             item = item[0] if isinstance(item, (tuple, list)) else item
-            item = np.asarray(item, np.float32)
+            item = _input_array(item, wanted)
             parts.append(item if item.shape != shape else item[None])
             if sum(len(p) for p in parts) >= 1000:
                 break
@@ -139,7 +141,21 @@ def _examples(data: Any, model: keras.Model) -> np.ndarray:
         array = np.concatenate(parts)
     if array.shape[1:] != shape:
         raise ValueError(f"representative_data has examples of shape {array.shape[1:]}; the model takes {shape}.")
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"representative_data has {int(bad.sum())} of {len(array)} examples with NaN or infinite "
+                         f"values (the first at index {int(np.argmax(bad))}); they would calibrate non-finite "
+                         "scales into the file.")
     return array
+
+
+def _input_array(data: Any, wanted: np.dtype) -> np.ndarray:
+    """`data` as float32; ValueError for integer data given to a model that takes floats (unscaled pixels?)."""
+    array = np.asarray(data)
+    if np.issubdtype(wanted, np.floating) and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"representative_data is {array.dtype} (values {array.min()}..{array.max()}) but the model "
+                         f"takes {wanted} inputs: pass them as in training (e.g. pixels scaled to floats).")
+    return array.astype(np.float32)
 
 
 def _compare(model: keras.Model, content: bytes, examples: np.ndarray) -> tuple[float, float]:

@@ -43,7 +43,7 @@ def add_metadata(tflite: bytes, entries: dict[str, Any]) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model_t = flatbuffer_utils.read_model_from_bytearray(tflite)
+    model_t = _model(tflite)
     model_t.metadata = [m for m in (model_t.metadata or []) if _text(m.name) not in entries]
     for name, value in entries.items():
         buffer = schema.BufferT()
@@ -56,18 +56,40 @@ def add_metadata(tflite: bytes, entries: dict[str, Any]) -> bytes:
 
 
 def read_metadata(tflite: bytes | str | pathlib.Path) -> dict[str, Any]:
-    """The JSON metadata entries of a TFLite file (those that parse as JSON)."""
-    from ai_edge_litert.tools import flatbuffer_utils
+    """The JSON metadata entries of a TFLite file (those that parse as JSON).
 
-    model_t = flatbuffer_utils.read_model_from_bytearray(_bytes(tflite))
+    Raises:
+        ValueError: when the file is not a readable TFLite flatbuffer.
+    """
+    return {name: value for name, value in _metadata(_model(tflite)).items() if not isinstance(value, _Unreadable)}
+
+
+class _Unreadable(str):
+    """A metadata entry that does not parse as JSON: why."""
+
+
+def _metadata(model_t) -> dict[str, Any]:
     result = {}
     for entry in model_t.metadata or []:
         data = model_t.buffers[entry.buffer].data
         try:
             result[_text(entry.name)] = json.loads(np.asarray(data, np.uint8).tobytes().decode())
-        except (ValueError, UnicodeDecodeError, TypeError):
-            continue
+        except (ValueError, UnicodeDecodeError, TypeError) as error:
+            result[_text(entry.name)] = _Unreadable(f"{type(error).__name__}: {error}")
     return result
+
+
+def _model(tflite: bytes | str | pathlib.Path):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    where = str(tflite) if isinstance(tflite, (str, pathlib.Path)) else "the TFLite content"
+    try:
+        return flatbuffer_utils.read_model_from_bytearray(_bytes(tflite))
+    except OSError as error:
+        raise ValueError(f"Cannot read {where}: {error}.") from None
+    except Exception as error:  # noqa: BLE001 - the flatbuffer reader raises struct, index and type errors alike
+        raise ValueError(f"{where} is not a readable TFLite flatbuffer (truncated or corrupt?): "
+                         f"{type(error).__name__}: {error}.") from None
 
 
 def annotation(layer: str, fmt: formats.Format, scale: np.ndarray, channel_axis: int) -> dict[str, Any]:
@@ -98,12 +120,21 @@ def check_tensor(values: np.ndarray, entry: dict[str, Any]) -> str | None:
 
 
 def verify_annotations(tflite: bytes | str | pathlib.Path) -> AnnotationCheck:
-    """Checks every annotated tensor of a TFLite file (see the module docstring)."""
-    from ai_edge_litert.tools import flatbuffer_utils
+    """Checks every annotated tensor of a TFLite file (see the module docstring).
 
-    content = _bytes(tflite)
-    annotations = read_metadata(content).get(ANNOTATION_METADATA, {})
-    model_t = flatbuffer_utils.read_model_from_bytearray(content)
+    Metadata that is missing or does not parse fails the check: nothing
+    checked is never reported as exact.
+
+    Raises:
+        ValueError: when the file is not a readable TFLite flatbuffer.
+    """
+    model_t = _model(tflite)
+    annotations = _metadata(model_t).get(ANNOTATION_METADATA)
+    if annotations is None:
+        return AnnotationCheck([], {ANNOTATION_METADATA: "the file has no such metadata (not written by "
+                                                          "fliqs_keras.export.to_tflite?)"})
+    if isinstance(annotations, _Unreadable) or not isinstance(annotations, dict):
+        return AnnotationCheck([], {ANNOTATION_METADATA: f"the metadata cannot be read as annotations: {annotations}"})
     tensors = {_text(t.name): t for graph in model_t.subgraphs for t in graph.tensors}
     checked, failures = [], {}
     for name, entry in annotations.items():
@@ -117,7 +148,10 @@ def verify_annotations(tflite: bytes | str | pathlib.Path) -> AnnotationCheck:
             failures[name] = "not a float32 constant tensor"
             continue
         values = np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32).reshape(tensor.shape)
-        problem = check_tensor(values, entry)
+        try:
+            problem = check_tensor(values, entry)
+        except (KeyError, TypeError, ValueError) as error:
+            problem = f"its annotation cannot be read: {type(error).__name__}: {error}"
         if problem:
             failures[name] = problem
     return AnnotationCheck(checked, failures)

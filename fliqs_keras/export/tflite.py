@@ -268,8 +268,3 @@ def _input_name(tflite: bytes) -> str:
     runner = interpreter.Interpreter(model_content=tflite).get_signature_runner(SIGNATURE)
     return next(iter(runner.get_input_details()))
 
-
-def write(path: str | pathlib.Path, tflite: bytes):
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tflite)

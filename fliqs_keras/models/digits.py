@@ -58,12 +58,20 @@ def digits_mobilenet(input_shape=(28, 28, 1), classes: int = 10, width: float = 
     return keras.Model(inputs, outputs, name="digits_mobilenet")
 
 
+def _pool_if_room(x):
+    return keras.layers.MaxPooling2D()(x) if min(x.shape[1:3]) >= 2 else x
+
+
 def small_cnn(input_shape=(28, 28, 1), classes: int = 10) -> keras.Model:
-    """Two 3x3 convolutions with max pools and a dense classifier (logits)."""
+    """Two 3x3 convolutions with max pools and a dense classifier (logits).
+
+    A pool is left out where the map has no room for it (the 8x8 digits leave
+    1x1 after the second convolution).
+    """
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D()(x)
+    x = _pool_if_room(x)
     x = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D()(x)
+    x = _pool_if_room(x)
     outputs = keras.layers.Dense(classes, name="logits")(keras.layers.Flatten()(x))
     return keras.Model(inputs, outputs, name="small_cnn")
