@@ -14,8 +14,9 @@ layer with its cost, and the cost/accuracy table, and writes to --output_dir:
 
 * ``policy.json``: the searched policy (`fliqs_keras.export.save_policy`);
 * ``searched.keras``: the searchable model in its chosen formats (reload it
-  for `examples/export.py` or further QAT); ``fixed.keras``: the plain Keras
-  model with the formats frozen;
+  for `examples/export.py` or further QAT); ``fixed.keras``: the model with
+  the formats frozen into its weights (it loads after ``import fliqs_keras``,
+  whose `InputQuantizer` rounds the quantized layers' inputs);
 * ``model.tflite``: the mixed-precision TFLite file, verified against Keras;
 * ``logs/``: TensorBoard logs (losses, reward, cost ratios, probabilities);
 * ``search.png``: each layer's chosen format and how its decision's

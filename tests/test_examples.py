@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -56,6 +58,7 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     assert "stage2_block1_2_conv" in result.stdout and "searched policy" in result.stdout
 
 
+@pytest.mark.slow
 def test_search_script_runs_mirrored_on_two_logical_cpus(tmp_path):
     # With the exact cost credit (its batch of alternative policies is costed in every replica's step)
     # and the high-first warm-up (its mask of the choices allowed is built in every replica's step).

@@ -207,6 +207,7 @@ def test_a_nan_input_that_max_pooling_hides_from_the_loss_is_undone_too(digits):
     assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
 
 
+@pytest.mark.slow  # an 8-epoch MNIST search in a process of its own: 90 s
 def test_search_on_the_jax_backend(tmp_path):
     """JAX's step is a pure function of the state: the search's assignments must reach it, and back."""
     script = ROOT / "tests" / "jax_search.py"
@@ -295,6 +296,7 @@ def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
     assert report["bn_mean_error"] < 1e-5 and report["bn_variance_error"] < 1e-5 * report["bn_variance_scale"], report
 
 
+@pytest.mark.slow
 def test_search_on_mnist_digits_meets_the_int4_budget_and_settles():
     (x_train, y_train), (x_test, y_test) = data.mnist_digits(seed=0)
     held = len(x_train) // 8

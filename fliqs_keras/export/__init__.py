@@ -1,6 +1,6 @@
 """Export a searched (or fixed-format) model: the fixed Keras model, the policy file, and TFLite.
 
-    fixed = fliqs_keras.export.fixed_model(searched)       # plain Keras, chosen formats frozen
+    fixed = fliqs_keras.export.fixed_model(searched)       # no wrappers, chosen formats frozen
     fliqs_keras.export.save_policy(searched, "policy.json")
     result = fliqs_keras.export.to_tflite(searched, "model.tflite", representative_x)
     result.argmax_agreement, result.layers                   # agreement with Keras, legalization

@@ -1,4 +1,4 @@
-"""The searched model with its chosen formats frozen into plain Keras layers.
+"""The searched model with its chosen formats frozen into Keras layers, without wrappers.
 
 Two models come out of a searchable one, both without wrappers:
 
@@ -6,7 +6,9 @@ Two models come out of a searchable one, both without wrappers:
   (values ``codes * scale``) and, where its inputs were quantized, sits in an
   `InputQuantizer` that rounds its inputs onto the chosen format at the
   trained clip. It computes what the searchable model computes in its chosen
-  formats, and saves and loads as ``.keras``.
+  formats, and saves and loads as ``.keras``; loading needs
+  ``import fliqs_keras`` (for `InputQuantizer`), since no built-in Keras
+  layer rounds onto a format.
 - `float_model`: the same weights and no input rounding, with every batch
   normalization that directly follows a quantized layer folded into that
   layer. This is what goes to the TFLite converter. The fold is done here,
@@ -239,7 +241,7 @@ def _quantized_values(wrapper) -> list[np.ndarray]:
 
 
 def fixed_model(model: keras.Model) -> keras.Model:
-    """The searchable `model` in its current formats as a plain Keras model (see the module docstring).
+    """The searchable `model` in its current formats without wrappers (see the module docstring).
 
     Raises ValueError for a model without searchable layers, or a layer whose
     current input format never trained (no clip).
