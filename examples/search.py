@@ -53,14 +53,15 @@ flags.DEFINE_enum("cost", "bops", ["bops", "size", "table"], "Cost metric.")
 flags.DEFINE_string("cost_table", None, "JSON cost table for --cost=table.")
 flags.DEFINE_string("target", "int4", "Cost target: a number, a format (its uniform cost) or format*factor.")
 flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
-flags.DEFINE_enum("cost_credit", "sampled", ["sampled", "exact"], "How the policy learns the cost term: "
-                  "sampled with the quality (REINFORCE, as FLIQS) or exactly per decision (less noise).")
+flags.DEFINE_enum("cost_credit", None, ["sampled", "exact"], "How the policy learns the cost term: "
+                  "exactly per decision (the default for the absolute reward) or sampled with the quality "
+                  "(REINFORCE, as FLIQS).")
 flags.DEFINE_enum("warmup_draws", "uniform", ["uniform", "high_first"], "The warm-up's format draws: uniform "
                   "(as FLIQS) or the widest formats first, narrower ones added part by part (it helped a narrow "
                   "ResNet and hurt a MobileNet whose budget keeps mostly INT2: see the README).")
-flags.DEFINE_float("policy_learning_rate", 0.05, "Controller learning rate (0.05 suits runs of a few "
-                   "thousand steps; the paper's 5e-3 suits long ones).")
-flags.DEFINE_float("entropy_weight", 1.0, "Maximum of the entropy penalty.")
+flags.DEFINE_float("policy_learning_rate", None, "Controller learning rate (default: set from the number of "
+                   "steps, FliqsSearch's default; the paper's value is 5e-3).")
+flags.DEFINE_float("entropy_weight", 0.5, "Maximum of the entropy penalty.")
 flags.DEFINE_float("freeze_at", 1.0, "Fraction of the steps after which the chosen formats are fixed and "
                    "trained alone (1.0: search to the end).")
 flags.DEFINE_float("max_cost_ratio", None, "If set, the kept formats cost at most this times the target: the "
@@ -228,6 +229,9 @@ def main(argv):
         "bn_reestimation_examples": FLAGS.bn_reestimation_examples, "policy": chosen, "epochs": FLAGS.epochs,
         "replicas": strategy.num_replicas_in_sync,
         "unsettled_decisions_nats": search.unsettled,
+        "policy_entropy_nats": dict(zip(searchable.decision_names, map(float, keras.ops.convert_to_numpy(
+            searchable.controller.entropy())))),
+        "policy_learning_rate": search.policy_learning_rate,
         "formats_changed_by_budget": {name: {"argmax": a, "kept": k}
                                       for name, (a, k) in search.budget_changes.items()},
     }

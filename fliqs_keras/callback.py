@@ -19,13 +19,13 @@ It installs a search step in the model's compiled training step. Each step:
 4. after the warm-up, updates the policy with the reward (`controller.reward`)
    and the entropy penalty of the schedule.
 
-With ``cost_credit="exact"`` the cost term of the reward is not sampled with
-the quality: the cost is a known function of the formats, so each step also
-costs the sample with each decision set to each of its choices (the others as
-drawn), and the controller credits every decision with its exact share of the
-cost term (`controller.policy_gradient`); REINFORCE then carries only the
-quality's noise. The default, ``"sampled"``, is REINFORCE on the whole reward,
-as FLIQS does.
+With ``cost_credit="exact"`` (the default for additive rewards) the cost term
+of the reward is not sampled with the quality: the cost is a known function of
+the formats, so each step also costs the sample with each decision set to each
+of its choices (the others as drawn), and the controller credits every
+decision with its exact share of the cost term (`controller.policy_gradient`);
+REINFORCE then carries only the quality's noise. ``"sampled"`` is REINFORCE
+on the whole reward, as FLIQS does.
 
 With ``freeze_at < 1`` the search ends early: from that fraction of the steps
 on, every step trains the argmax formats and the policy no longer learns, so
@@ -81,6 +81,16 @@ WARMUP_DRAWS = ("uniform", "high_first")
 SETTLED_NATS = 0.1
 # How far the argmax policy's cost may land from the target before the end of the search says so.
 COST_TOLERANCE = 0.1
+# FLIQS's policy learning rate, right for runs of many thousand policy steps.
+PAPER_LEARNING_RATE = 5e-3
+# How far, in logits, the default learning rate lets the policy move over its steps: Adam moves a logit by
+# about the learning rate per step where its gradient keeps its sign.
+SETTLING_DISTANCE = 20.0
+
+
+def policy_learning_rate(policy_steps: int) -> float:
+    """The default policy learning rate for a search whose policy learns for `policy_steps` steps."""
+    return max(PAPER_LEARNING_RATE, SETTLING_DISTANCE / max(int(policy_steps), 1))
 
 
 def _held_out_arrays(validation_data: Any, limit: int):
@@ -164,13 +174,19 @@ class FliqsSearch(keras.callbacks.Callback):
             and a freeze, the budget's formats take over at the first
             execution that starts at or after the freeze step (up to k - 1
             steps train the argmax first).
-        cost_credit: ``"sampled"`` (default: REINFORCE on the whole reward, as
-            FLIQS) or ``"exact"`` (the cost term credited to each decision
-            exactly; see the module docstring). ``"exact"`` needs an additive
-            reward (``"absolute"`` or ``"one_sided"``).
+        cost_credit: ``"exact"`` (the cost term credited to each decision
+            exactly; see the module docstring; needs an additive reward,
+            ``"absolute"`` or ``"one_sided"``) or ``"sampled"`` (REINFORCE on
+            the whole reward, as FLIQS). None (default): ``"exact"`` for an
+            additive reward, else ``"sampled"``.
         entropy_weight: the maximum of the entropy penalty; `entropy_schedule`
             is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
-        learning_rate, baseline_momentum: of the controller (Adam, EMA).
+        learning_rate: the controller's Adam learning rate. None (default)
+            sets it from the steps the policy learns (after the warm-up,
+            before the freeze) as ``max(5e-3, SETTLING_DISTANCE / steps)``:
+            5e-3, FLIQS's value, for long runs, and enough for a search of a
+            few hundred steps to settle. The value used is `policy_learning_rate`.
+        baseline_momentum: of the controller's reward baseline (EMA).
         seed: seed of the format draws.
         total_steps: training steps of the whole run, where Keras cannot tell
             (datasets of unknown length).
@@ -184,9 +200,9 @@ class FliqsSearch(keras.callbacks.Callback):
                  reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
                  held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
                  warmup_draws: str = "uniform",
-                 freeze_at: float = 1.0, max_cost_ratio: float | None = None, cost_credit: str = "sampled",
+                 freeze_at: float = 1.0, max_cost_ratio: float | None = None, cost_credit: str | None = None,
                  entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
-                 learning_rate: float = 5e-3, baseline_momentum: float = 0.99, seed: int = 0,
+                 learning_rate: float | None = None, baseline_momentum: float = 0.99, seed: int = 0,
                  total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
                  record_every: int = 0):
         super().__init__()
@@ -206,6 +222,8 @@ class FliqsSearch(keras.callbacks.Callback):
         if max_cost_ratio is not None and not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
             raise ValueError(f"max_cost_ratio must be a number > 0 or None, got {max_cost_ratio}.")
         controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
+        if cost_credit is None:
+            cost_credit = "sampled" if reward == "multiplicative" else "exact"
         if cost_credit not in COST_CREDITS:
             raise ValueError(f"Unknown cost_credit {cost_credit!r}; expected one of {COST_CREDITS}.")
         if cost_credit == "exact" and reward == "multiplicative":
@@ -229,7 +247,8 @@ class FliqsSearch(keras.callbacks.Callback):
         for name, value in (("held_out_size", held_out_size), ("held_out_batch_size", held_out_batch_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        if learning_rate is not None and not (
+                isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
             raise ValueError(f"learning_rate (the policy's) must be a finite number > 0, got {learning_rate!r}.")
         if not (isinstance(baseline_momentum, (int, float)) and 0 <= baseline_momentum < 1):
             raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum!r}.")
@@ -267,8 +286,7 @@ class FliqsSearch(keras.callbacks.Callback):
         policy = model.controller
         if self.warmup_draws == "high_first":
             self._narrowness, self._widths = _draw_order(model)
-        policy.learning_rate, policy.baseline_momentum, policy.seed = (
-            float(self.learning_rate), float(self.baseline_momentum), self.seed)
+        policy.baseline_momentum, policy.seed = float(self.baseline_momentum), self.seed
         if self.quality == "accuracy":
             x, y = _held_out_arrays(self.validation_data, self.held_out_size)
             try:
@@ -306,6 +324,9 @@ class FliqsSearch(keras.callbacks.Callback):
         self.total_steps = int(total)
         self.search_steps = max(min(math.ceil(self.freeze_at * self.total_steps), self.total_steps), 1)
         self.warmup_steps = min(int(self.warmup * self.total_steps), self.search_steps - 1)
+        self.policy_learning_rate = float(self.learning_rate if self.learning_rate is not None else
+                                          policy_learning_rate(self.search_steps - self.warmup_steps))
+        self.model.controller.learning_rate = self.policy_learning_rate
         self.model.format_state.keep(None)
         self._kept = False
         self.model.search_step = self._search_step

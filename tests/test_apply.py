@@ -100,9 +100,24 @@ def test_fixed_format_space_is_plain_qat_through_the_same_path():
     assert {e.status for e in fliqs_keras.report(searchable).layers if e.weight_formats} == {"fixed"}
     x, y = _data()
     searchable.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    history = searchable.fit(x, y, epochs=2, batch_size=8, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    assert all(isinstance(w, layers.QuantizeWrapper) for w in fliqs_keras.searchable_layers(searchable))
+    history = searchable.fit(x, y, epochs=4, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all() and history.history["loss"][-1] < history.history["loss"][0]
+    wrappers = fliqs_keras.searchable_layers(searchable)
+    assert [w.name for w in wrappers] == ["conv1", "dw", "logits"]
+    for wrapper in wrappers:
+        # The weights it computes with lie on the INT8 grid of their channel: at most 255 levels each.
+        for frozen in wrapper.frozen_weights():
+            assert frozen.fmt.name == "int8"
+            codes = np.moveaxis(frozen.values, frozen.channel_axis, -1) / frozen.scale
+            np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+            assert np.abs(np.round(codes)).max() <= 127
+    # The inputs are rounded too: the model differs from its float twin with the same weights.
+    twin = _cnn()
+    for layer in twin.layers[1:]:  # after the input layer
+        source = searchable.get_layer(layer.name)
+        layer.set_weights((source.layer if layers.is_searchable(source) else source).get_weights())
+    difference = np.abs(keras.ops.convert_to_numpy(searchable(x)) - keras.ops.convert_to_numpy(twin(x)))
+    assert 1e-4 < difference.max() < 0.1 * np.abs(keras.ops.convert_to_numpy(twin(x))).max()
 
 
 class Subclassed(keras.Model):

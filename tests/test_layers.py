@@ -120,12 +120,27 @@ def test_nonnegative_inputs_use_the_unsigned_grid():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_gradients_reach_kernel_and_bias(family):
-    layer, wrapper, x = _wrapped(family, ["int8"])
+def test_gradients_are_the_clipped_straight_through_gradients_of_the_quantized_layer(family):
+    layer, wrapper, x = _wrapped(family, ["int4"])
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(wrapper(x, training=True)))
-    grads = tape.gradient(loss, [layer.kernel, layer.bias])
-    assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+        loss = tf.reduce_sum(tf.square(wrapper(x)))
+    got_kernel, got_bias = tape.gradient(loss, [layer.kernel, layer.bias])
+    # The reference: the layer itself on its quantized kernel and input, differentiated at the quantized
+    # kernel; the straight-through gradient passes it on where the weight is inside its clip, else 0.
+    kernel = layer.kernel.numpy()
+    matrix = kernel.reshape(-1, wrapper.quantize_config.channels("kernel", kernel.shape))
+    clip = wrapper._fractions[0].numpy()[0] * np.abs(matrix).max(axis=0)
+    q_kernel = tf.Variable(quantizers.fake_quant(matrix, "int4", clip=clip, axis=1).numpy().reshape(kernel.shape))
+    q_x = quantizers.fake_quant(x, "int4", clip=float(np.abs(x).max()))
+    with tf.GradientTape() as tape:
+        with keras.StatelessScope(state_mapping=[(layer.kernel, q_kernel)]):
+            reference = tf.reduce_sum(tf.square(layer(q_x)))
+    want_kernel, want_bias = tape.gradient(reference, [q_kernel, layer.bias])
+    inside = (np.abs(matrix) <= clip).reshape(kernel.shape)
+    assert 0 < inside.mean() < 1, "the int4 clip cuts some weights: both branches of the gradient are checked"
+    np.testing.assert_allclose(got_kernel.numpy(), np.where(inside, want_kernel.numpy(), 0.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_bias.numpy(), want_bias.numpy(), rtol=1e-5, atol=1e-5)
+    assert float(tf.reduce_sum(tf.abs(got_kernel))) > 0
     assert {v.name for v in wrapper.trainable_weights} == {"kernel", "bias"}
 
 
@@ -149,7 +164,8 @@ def test_attention_fp32_is_the_layer_and_int_formats_quantize_all_projections():
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(wrapper(query, context, training=True))
     grads = tape.gradient(loss, [mha._query_dense.kernel, mha._output_dense.kernel])
-    assert all(g is not None for g in grads)
+    assert all(g is not None and np.isfinite(g.numpy()).all() and float(tf.reduce_sum(tf.abs(g))) > 0
+               for g in grads)
     assert wrapper._fractions[0].shape == (2, 8)  # heads x key_dim channels per format
 
 
