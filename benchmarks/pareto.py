@@ -331,7 +331,7 @@ def run_fliqs(dataset, splits, seed, space, target, options=None, callbacks=()):
     entropy = keras.ops.convert_to_numpy(searchable.controller.entropy())
     row = {**trained, "policy": fliqs_keras.policy(searchable), "bops": cost.bops(searchable),
            "max_final_entropy_nats": float(entropy.max())}
-    if search.max_cost_ratio is not None:
+    if search.config.max_cost_ratio is not None:
         row["formats_changed_by_budget"] = {n: list(change) for n, change in search.budget_changes.items()}
     return row
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import keras
 from absl import logging
-from keras.src.models.functional import Functional
 
 from fliqs_keras import formats, layers, policy_file
-from fliqs_keras.search_model import SearchModel, decisions, searchable_layers, walk_layers
+from fliqs_keras.graph import is_graph_model, walk_layers
+from fliqs_keras.search_model import SearchModel, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
 
 _NO_QUANTIZED_OP = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
@@ -75,7 +75,7 @@ class Report:
 def _check_model(model: Any):
     if not isinstance(model, keras.Model):
         raise ValueError(f"apply needs a keras.Model, got {type(model).__name__}.")
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not is_graph_model(model):
         raise ValueError(
             f"Model {model.name!r} is a subclassed model ({type(model).__name__}); apply can clone only "
             "Sequential and Functional models. Build it with the Functional or Sequential API, or wrap "

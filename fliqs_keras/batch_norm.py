@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from fliqs_keras.search_model import walk_layers
+from fliqs_keras.graph import call_count, walk_layers
 
 
 def _batches(data: Any, batch_size: int, max_examples: int | None) -> Iterable[Any]:
@@ -55,8 +55,8 @@ def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
             raise ValueError(
                 f"Batch norm {path!r} sits inside a nested model: re-estimation reaches the batch norms of the "
                 "top-level functional graph only. Flatten the model, or re-estimate the nested model itself.")
-        if len(layer._inbound_nodes) != 1:
-            raise ValueError(f"Batch norm {path!r} is called {len(layer._inbound_nodes)} times; its statistics "
+        if call_count(layer) != 1:
+            raise ValueError(f"Batch norm {path!r} is called {call_count(layer)} times; its statistics "
                              "would mix its calls, so it cannot be re-estimated.")
         result.append(layer)
     return result

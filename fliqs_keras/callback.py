@@ -6,7 +6,9 @@
         fliqs_keras.FliqsSearch(cost="bops", target="int4", validation_data=held_out)])
     fliqs_keras.policy(searchable)   # {"conv1": "int8", "conv2": "int4", ...}
 
-It installs a search step in the model's compiled training step. Each step:
+It builds a `search_step.SearchStep` from its frozen `SearchConfig` when
+training begins and installs it in the model; the callback itself does the
+Keras lifecycle, the budget at the freeze and the logging. Each step:
 
 1. draws one choice per decision from the policy with noise seeded by
    (seed, step) — uniformly during the warm-up — and makes it current in
@@ -70,27 +72,15 @@ from absl import logging
 from keras import ops
 
 from fliqs_keras import budget
-from fliqs_keras import controller as controller_lib
 from fliqs_keras.cost import CostModel
+from fliqs_keras.search_config import SearchConfig
 from fliqs_keras.search_model import SearchModel, decisions, policy
+from fliqs_keras.search_step import SearchStep
 
-QUALITIES = ("accuracy", "loss")
-COST_CREDITS = ("sampled", "exact")
-WARMUP_DRAWS = ("uniform", "high_first")
 # A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
 SETTLED_NATS = 0.1
 # How far the argmax policy's cost may land from the target before the end of the search says so.
 COST_TOLERANCE = 0.1
-# FLIQS's policy learning rate, right for runs of many thousand policy steps.
-PAPER_LEARNING_RATE = 5e-3
-# How far, in logits, the default learning rate lets the policy move over its steps: Adam moves a logit by
-# about the learning rate per step where its gradient keeps its sign.
-SETTLING_DISTANCE = 20.0
-
-
-def policy_learning_rate(policy_steps: int) -> float:
-    """The default policy learning rate for a search whose policy learns for `policy_steps` steps."""
-    return max(PAPER_LEARNING_RATE, SETTLING_DISTANCE / max(int(policy_steps), 1))
 
 
 def _held_out_arrays(validation_data: Any, limit: int):
@@ -121,23 +111,14 @@ def _held_out_arrays(validation_data: Any, limit: int):
     return x[:limit], y[:limit]
 
 
-def _draw_order(model: SearchModel) -> tuple[np.ndarray, np.ndarray]:
-    """Per decision and choice, how many of the decision's bit widths are wider (0: the widest; the
-    largest int32 beyond its choices), and per decision its number of distinct widths."""
-    choices = decisions(model)
-    narrowness = np.full(model.controller.valid.shape, np.iinfo(np.int32).max, np.int32)
-    widths = np.ones(len(model.decision_names), np.float32)
-    for row, name in enumerate(model.decision_names):
-        ordered = sorted({f.bits for f in choices[name]}, reverse=True)
-        narrowness[row, :len(choices[name])] = [ordered.index(f.bits) for f in choices[name]]
-        widths[row] = len(ordered)
-    return narrowness, widths
-
-
 class FliqsSearch(keras.callbacks.Callback):
     """Runs the FLIQS one-shot search during `fit` (see the module docstring).
 
+    Takes a `SearchConfig`, or its settings as keyword arguments (below), and
+    the data and logging arguments.
+
     Args:
+        config: the search's settings, or None to build them from `settings`.
         cost: ``"bops"``, ``"size"`` or ``"table"``.
         target: the cost target: a number, a format (``"int4"``: the cost of
             the uniform INT4 model) or a format times a factor (``"int4*1.2"``).
@@ -158,11 +139,7 @@ class FliqsSearch(keras.callbacks.Callback):
             ``"high_first"``: the warm-up in as many equal parts as a decision
             has bit widths, the first drawing only its widest choices and each
             next part adding the next narrower width, the last drawing all of
-            them, as progressive QAT trains high formats first. Uniform draws
-            of INT2 from the first step can leave a narrow model's weights
-            worse for every policy; but a model whose kept policy is mostly
-            INT2 then gets too few steps in it (the README's Pareto runs: it
-            helps one model and hurts the other).
+            them, as progressive QAT trains high formats first.
         freeze_at: fraction of the training steps after which the argmax
             formats are fixed and the remaining steps train them alone
             (1.0, the default: search to the end, as FLIQS does). Must be
@@ -183,7 +160,7 @@ class FliqsSearch(keras.callbacks.Callback):
             is ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
         learning_rate: the controller's Adam learning rate. None (default)
             sets it from the steps the policy learns (after the warm-up,
-            before the freeze) as ``max(5e-3, SETTLING_DISTANCE / steps)``:
+            before the freeze) as ``max(5e-3, 20 / steps)``:
             5e-3, FLIQS's value, for long runs, and enough for a search of a
             few hundred steps to settle. The value used is `policy_learning_rate`.
         baseline_momentum: of the controller's reward baseline (EMA).
@@ -194,68 +171,26 @@ class FliqsSearch(keras.callbacks.Callback):
         log_dir: where to write per-decision probabilities for TensorBoard.
         record_every: also record the probabilities in `history` every this
             many steps (0: at the start and at the end of every epoch only).
+
+    Raises:
+        ValueError: for a setting out of range (naming it), both a config and
+            settings, or ``quality="accuracy"`` without `validation_data`.
     """
 
-    def __init__(self, cost: str = "bops", target: Any = "int4", beta: float = 1.0,
-                 reward: str = "absolute", quality: str = "accuracy", validation_data: Any = None,
-                 held_out_size: int = 2048, held_out_batch_size: int = 16, warmup: float = 0.25,
-                 warmup_draws: str = "uniform",
-                 freeze_at: float = 1.0, max_cost_ratio: float | None = None, cost_credit: str | None = None,
-                 entropy_weight: float = 0.5, entropy_schedule: str = "cosine",
-                 learning_rate: float | None = None, baseline_momentum: float = 0.99, seed: int = 0,
-                 total_steps: int | None = None, cost_table: Any = None, log_dir: str | None = None,
-                 record_every: int = 0):
+    def __init__(self, config: SearchConfig | None = None, *, validation_data: Any = None,
+                 log_dir: str | None = None, record_every: int = 0, **settings):
         super().__init__()
-        if quality not in QUALITIES:
-            raise ValueError(f"Unknown quality {quality!r}; expected one of {QUALITIES}.")
-        if quality == "accuracy" and validation_data is None:
+        if config is not None and settings:
+            raise ValueError(f"Give FliqsSearch a SearchConfig or its settings, not both (got {sorted(settings)}).")
+        self.config = config if config is not None else SearchConfig(**settings)
+        if self.config.quality == "accuracy" and validation_data is None:
             raise ValueError("quality='accuracy' needs validation_data=(x, y) held out from training "
                              "(or use quality='loss').")
-        if not 0 <= warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
-        if warmup_draws not in WARMUP_DRAWS:
-            raise ValueError(f"Unknown warmup_draws {warmup_draws!r}; expected one of {WARMUP_DRAWS}.")
-        if warmup_draws != "uniform" and warmup == 0:
-            raise ValueError(f"warmup_draws={warmup_draws!r} orders the warm-up's draws, but warmup=0 leaves none.")
-        if not warmup < freeze_at <= 1:
-            raise ValueError(f"freeze_at must be a fraction in (warmup, 1], here ({warmup}, 1], got {freeze_at}.")
-        if max_cost_ratio is not None and not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
-            raise ValueError(f"max_cost_ratio must be a number > 0 or None, got {max_cost_ratio}.")
-        controller_lib.reward(1.0, 1.0, 1.0, beta, reward)  # validates beta and the reward kind
-        if cost_credit is None:
-            cost_credit = "sampled" if reward == "multiplicative" else "exact"
-        if cost_credit not in COST_CREDITS:
-            raise ValueError(f"Unknown cost_credit {cost_credit!r}; expected one of {COST_CREDITS}.")
-        if cost_credit == "exact" and reward == "multiplicative":
-            raise ValueError("cost_credit='exact' needs a reward whose cost term is added to the quality "
-                             "('absolute' or 'one_sided'); the multiplicative reward scales the quality by "
-                             "the cost, so its cost part cannot be credited apart.")
-        self.cost_credit = cost_credit
-        controller_lib.entropy_weight(0, 2, 0, entropy_weight, entropy_schedule)
-        if entropy_weight < 0:
-            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}.")
-        self.cost_metric, self.target_spec, self.beta = cost, target, float(beta)
-        self.reward_kind, self.quality = reward, quality
-        self.validation_data = validation_data
-        self.held_out_size, self.held_out_batch_size = int(held_out_size), int(held_out_batch_size)
-        self.warmup, self.entropy_max, self.entropy_schedule = float(warmup), float(entropy_weight), entropy_schedule
-        self.freeze_at, self.warmup_draws = float(freeze_at), warmup_draws
-        self.max_cost_ratio = None if max_cost_ratio is None else float(max_cost_ratio)
-        self.learning_rate, self.baseline_momentum, self.seed = learning_rate, baseline_momentum, int(seed)
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}.")
-        for name, value in (("held_out_size", held_out_size), ("held_out_batch_size", held_out_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if learning_rate is not None and not (
-                isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
-            raise ValueError(f"learning_rate (the policy's) must be a finite number > 0, got {learning_rate!r}.")
-        if not (isinstance(baseline_momentum, (int, float)) and 0 <= baseline_momentum < 1):
-            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum!r}.")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta)):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
-        self.total_steps_arg, self.cost_table, self.log_dir = total_steps, cost_table, log_dir
-        self.record_every = int(record_every)
+        self.validation_data, self.log_dir, self.record_every = validation_data, log_dir, int(record_every)
+        self.step: SearchStep | None = None
+        """The search step of the current (or last) `fit`."""
         self.history: list[dict[str, Any]] = []
         """Per record: the epoch, the step and ``{decision: {format: probability}}``."""
         self.final_cost_ratio: float | None = None
@@ -265,6 +200,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.budget_changes: dict[str, tuple[str, str]] = {}
         """With `max_cost_ratio`: ``{decision: (argmax format, kept format)}`` where they differ."""
         self._writer = None
+        self.held_out = None
 
     # --- set-up -----------------------------------------------------------------------
 
@@ -274,21 +210,18 @@ class FliqsSearch(keras.callbacks.Callback):
                 f"FliqsSearch needs a model made by fliqs_keras.apply, got {type(model).__name__} "
                 f"{getattr(model, 'name', '')!r}.")
         super().set_model(model)
-        self.costs = CostModel(model, self.cost_metric, self.cost_table)
-        self.target = self.costs.target(self.target_spec)
-        self.cost_limit = None if self.max_cost_ratio is None else self.max_cost_ratio * self.target
+        config = self.config
+        self.costs = CostModel(model, config.cost, config.cost_table)
+        self.target = self.costs.target(config.target)
+        self.cost_limit = None if config.max_cost_ratio is None else config.max_cost_ratio * self.target
         if self.cost_limit is not None:
             cheapest = self.costs.bounds()[0]
             if self.cost_limit < cheapest:
                 raise ValueError(
-                    f"max_cost_ratio={self.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
-                    f"({self.cost_metric}), below the cheapest policy of the search space ({cheapest:.6g}).")
-        policy = model.controller
-        if self.warmup_draws == "high_first":
-            self._narrowness, self._widths = _draw_order(model)
-        policy.baseline_momentum, policy.seed = float(self.baseline_momentum), self.seed
-        if self.quality == "accuracy":
-            x, y = _held_out_arrays(self.validation_data, self.held_out_size)
+                    f"max_cost_ratio={config.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
+                    f"({config.cost}), below the cheapest policy of the search space ({cheapest:.6g}).")
+        if config.quality == "accuracy":
+            x, y = _held_out_arrays(self.validation_data, config.held_out_size)
             try:
                 prediction = keras.ops.convert_to_numpy(model(x[:2], training=False))
             except Exception as error:  # noqa: BLE001 - the model names the shape problem
@@ -314,23 +247,21 @@ class FliqsSearch(keras.callbacks.Callback):
                              ops.convert_to_tensor(y.reshape(-1).astype(np.int32)))
 
     def on_train_begin(self, logs=None):
-        if not self.model.optimizer.built:
+        model = self.model
+        if not model.optimizer.built:
             # Its slots must exist before the step is traced: the step saves and restores them.
-            self.model.optimizer.build(self.model.trainable_variables)
+            model.optimizer.build(model.trainable_variables)
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        total = self.total_steps_arg or (epochs * steps if epochs and steps else None)
+        total = self.config.total_steps or (epochs * steps if epochs and steps else None)
         if not total:
             raise ValueError("FliqsSearch cannot tell the number of training steps; pass total_steps=...")
-        self.total_steps = int(total)
-        self.search_steps = max(min(math.ceil(self.freeze_at * self.total_steps), self.total_steps), 1)
-        self.warmup_steps = min(int(self.warmup * self.total_steps), self.search_steps - 1)
-        self.policy_learning_rate = float(self.learning_rate if self.learning_rate is not None else
-                                          policy_learning_rate(self.search_steps - self.warmup_steps))
-        self.model.controller.learning_rate = self.policy_learning_rate
-        self.model.format_state.keep(None)
+        self.step = SearchStep(model, self.config, self.costs, self.target, total, self.held_out)
+        self.policy_learning_rate = self.step.learning_rate
+        """The policy learning rate of the last `fit` (the config's, or the one set from its steps)."""
+        self.warmup_steps, self.search_steps = self.step.warmup_steps, self.step.search_steps
+        model.format_state.keep(None)
         self._kept = False
-        self.model.search_step = self._search_step
-        self.model.make_train_function(force=True)
+        model.start_search(self.step, self.config)
         if self.log_dir:
             import tensorflow as tf
 
@@ -338,110 +269,10 @@ class FliqsSearch(keras.callbacks.Callback):
         self._epoch = 0
         self._record()
 
-    # --- the compiled search step ----------------------------------------------------------
-
-    def _quality(self, model, step):
-        x, y = self.held_out
-        size = min(self.held_out_batch_size, len(x))
-        start = ops.mod(ops.cast(step, "int32") * size, len(x))
-        rows = ops.mod(start + ops.arange(size, dtype="int32"), len(x))
-        prediction = model(ops.take(x, rows, axis=0), training=False)
-        labels = ops.take(y, rows)
-        accuracy = ops.mean(ops.cast(ops.equal(ops.cast(ops.argmax(prediction, axis=-1), "int32"), labels),
-                                     "float32"))
-        # argmax turns NaN predictions into a class: a broken model must not look accurate.
-        return ops.where(ops.all(ops.isfinite(prediction)), accuracy, float("nan"))
-
-    def _search_step(self, model, data, base_train_step):
-        policy = model.controller
-        step = model.optimizer.iterations
-        warm = step < self.warmup_steps
-        # Only an asked-for freeze: a later `fit` on the same model counts its steps on from the first's.
-        frozen = step >= self.search_steps if self.freeze_at < 1 else ops.zeros((), "bool")
-        allowed = None
-        if self.warmup_draws == "high_first":
-            # In part p of the warm-up (of as many parts as the decision has widths), the p + 1 widest.
-            part = ops.floor(ops.cast(step, "float32") / max(self.warmup_steps, 1) * self._widths)
-            allowed = ops.logical_or(ops.logical_not(warm), self._narrowness <= ops.cast(part, "int32")[:, None])
-        indices = ops.where(frozen, model.format_state.kept_or(policy.argmax()),
-                            policy.sample(step, uniform=warm, allowed=allowed))
-        model.format_state.assign(indices)
-        tracker = model._loss_tracker
-        total, count = ops.copy(tracker.total.value), ops.copy(tracker.count.value)
-        own, others = self._protected_variables(model)
-        protected = own + others
-        saved = [ops.copy(v.value) for v in protected]
-        logs = base_train_step(data)
-        # The batch's own training loss, read off Keras's running mean: no extra forward pass.
-        batch_loss = (tracker.total - total) / ops.maximum(tracker.count - count, 1e-12)
-        finite = ops.isfinite(batch_loss)
-        # The model's own state (weights, batch-norm statistics, clips); a non-finite optimizer slot
-        # makes its weight's update non-finite too, so the slots need no check.
-        for variable in own:
-            if "float" in str(variable.dtype):
-                finite = ops.logical_and(finite, ops.all(ops.isfinite(variable.value)))
-        # A non-finite step must not poison the weights: undo its update.
-        for variable, value in zip(protected + [tracker.total, tracker.count], saved + [total, count]):
-            variable.assign(ops.where(finite, variable.value, value))
-        if self.quality == "loss":
-            quality = -batch_loss
-        elif self.freeze_at < 1:
-            # Once frozen, the held-out pass would only feed the logs: skip it.
-            quality = ops.cond(frozen, lambda: ops.convert_to_tensor(float("nan")),
-                               lambda: self._quality(model, step))
-        else:
-            quality = self._quality(model, step)
-        cost = self.costs.graph_cost(indices, model.decision_names)
-        value = ops.where(finite,
-                          controller_lib.reward(quality, cost, self.target, self.beta, self.reward_kind),
-                          float("nan"))
-        penalty = controller_lib.entropy_weight(step, self.search_steps, self.warmup_steps, self.entropy_max,
-                                                self.entropy_schedule)
-        active = ops.logical_not(ops.logical_or(warm, frozen))
-        if self.cost_credit == "exact":
-            # The reward is additive: the quality is the sampled part, the cost term the known one.
-            known = controller_lib.reward(0.0, self._alternative_costs(model, indices), self.target, self.beta,
-                                          self.reward_kind)
-            policy.update(indices, ops.where(finite, quality, float("nan")), penalty, active, known)
-        else:
-            policy.update(indices, value, penalty, active=active)
-        expected = self.costs.expected_cost(policy.probabilities(), model.decision_names)
-        logs = dict(logs)
-        logs.update({"reward": value, "quality": quality, "cost_ratio": cost / self.target,
-                     "expected_cost_ratio": expected / self.target, "entropy": ops.mean(policy.entropy()),
-                     "searching": ops.cast(ops.logical_not(frozen), "float32")})
-        return logs
-
-    def _alternative_costs(self, model, indices):
-        """[decisions, max choices]: the cost of `indices` with decision d set to choice k (the rest as drawn).
-
-        Entries beyond a decision's choices mean nothing: the controller ignores them.
-        """
-        num_choices = model.controller.num_choices
-        replaced = np.eye(len(num_choices), dtype=bool)[:, None, :]  # [d, 1, decisions]: the decision set to k
-        choice = np.arange(max(num_choices), dtype=np.int32)[None, :, None]  # [1, k, 1]
-        alternatives = ops.where(replaced, choice, ops.cast(indices, "int32")[None, None, :])
-        return self.costs.graph_cost(alternatives, model.decision_names)
-
-    def _protected_variables(self, model) -> tuple[list, list]:
-        """(the model's own variables, the optimizer's and the metrics'): every variable a training step
-        changes, restored after a non-finite step. On one replica only: the optimizer's slots cannot be
-        assigned per replica under a tf.distribute strategy (JAX runs one program over all devices, so it
-        has no such limit and no `distribute_strategy`)."""
-        strategy = getattr(model, "distribute_strategy", None)
-        if strategy is not None and strategy.num_replicas_in_sync > 1:
-            return [], []
-        tracker = {id(model._loss_tracker.total), id(model._loss_tracker.count)}
-        own = list(model.trainable_variables) + list(model.non_trainable_variables)
-        optimizer_state = [v for v in model.optimizer.variables
-                           if "float" in str(v.dtype) and v is not model.optimizer.iterations]
-        metrics = [v for v in model.metrics_variables if id(v) not in tracker]
-        return own, optimizer_state + metrics
-
     # --- reporting and the end ---------------------------------------------------------------
 
     def on_train_batch_begin(self, batch, logs=None):
-        if (self.max_cost_ratio is not None and self.freeze_at < 1 and not self._kept
+        if (self.config.max_cost_ratio is not None and self.config.freeze_at < 1 and not self._kept
                 and self._epoch_start + batch >= self.search_steps):
             self._keep_within_budget()
 
@@ -461,7 +292,7 @@ class FliqsSearch(keras.callbacks.Callback):
             argmax_cost = float(keras.ops.convert_to_numpy(self.costs.graph_cost(argmax, names)))
             logging.info("FliqsSearch: the argmax policy costs %.3f of the target, over max_cost_ratio=%g; kept "
                          "the most probable policy found within it instead, which changes %s.",
-                         argmax_cost / self.target, self.max_cost_ratio,
+                         argmax_cost / self.target, self.config.max_cost_ratio,
                          ", ".join(f"{n}: {a} -> {k}" for n, (a, k) in self.budget_changes.items()))
 
     def on_train_batch_end(self, batch, logs=None):
@@ -504,8 +335,7 @@ class FliqsSearch(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         model = self.model
-        model.search_step = None
-        model.make_train_function(force=True)
+        model.end_search()
         logits = keras.ops.convert_to_numpy(model.controller.logits.value)
         broken = [name for name, row, valid in zip(model.decision_names, logits, model.controller.valid)
                   if not np.isfinite(row[valid]).all()]
@@ -514,7 +344,7 @@ class FliqsSearch(keras.callbacks.Callback):
                 f"FliqsSearch: the policy of decisions {broken} has non-finite logits, so "
                 "no formats were chosen. The trained weights are kept, in the formats of the last step: set "
                 "formats with fliqs_keras.set_formats before exporting, or search again.")
-        if self.max_cost_ratio is not None and not self._kept:
+        if self.config.max_cost_ratio is not None and not self._kept:
             self._keep_within_budget()
         state = model.format_state
         state.assign(state.kept_or(model.controller.argmax()))
@@ -526,7 +356,7 @@ class FliqsSearch(keras.callbacks.Callback):
         logging.info("FliqsSearch: final policy %s, cost %.4g (%.3f of the target)", chosen, final,
                      self.final_cost_ratio)
         off_target = (self.final_cost_ratio > 1 + COST_TOLERANCE
-                      or self.reward_kind == "absolute" and self.final_cost_ratio < 1 - COST_TOLERANCE)
+                      or self.config.reward == "absolute" and self.final_cost_ratio < 1 - COST_TOLERANCE)
         if off_target and self.unsettled:
             worst = max(self.unsettled, key=self.unsettled.get)
             logging.warning(
@@ -539,5 +369,5 @@ class FliqsSearch(keras.callbacks.Callback):
             logging.warning(
                 "FliqsSearch: the policy settled on formats that cost %.3f of the target: the reward traded "
                 "cost for quality (beta=%g against quality=%r). Raise beta to hold the target more tightly.",
-                self.final_cost_ratio, self.beta, self.quality)
+                self.final_cost_ratio, self.config.beta, self.config.quality)
 

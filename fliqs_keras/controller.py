@@ -193,15 +193,16 @@ class Controller(keras.layers.Layer):
         """The most probable choice of each decision, int32 [decisions]."""
         return ops.cast(ops.argmax(self._masked(self.logits), axis=-1), "int32")
 
-    def sample(self, step, uniform=False, allowed=None):
+    def sample(self, step, uniform=False, allowed=None, seed: int | None = None):
         """One choice per decision for `step` (int32 [decisions]); `uniform` ignores the policy.
 
         `allowed` ([decisions, max choices] bool), if given, leaves out the
-        choices it marks false; each decision needs one left.
+        choices it marks false; each decision needs one left. `seed` (default:
+        the controller's) seeds the noise with `step`.
         """
         current = self.logits.value
         logits = self._masked(ops.where(ops.cast(uniform, "bool"), ops.zeros_like(current), current), allowed)
-        noise = _uniform_noise(tuple(self.logits.shape), self.seed, step)
+        noise = _uniform_noise(tuple(self.logits.shape), self.seed if seed is None else int(seed), step)
         gumbel = -ops.log(-ops.log(noise))
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
 
@@ -211,8 +212,11 @@ class Controller(keras.layers.Layer):
 
     # --- learning -------------------------------------------------------------------
 
-    def update(self, indices, reward_value, entropy_penalty=0.0, active=True, known_rewards=None):
+    def update(self, indices, reward_value, entropy_penalty=0.0, active=True, known_rewards=None,
+               learning_rate: float | None = None, baseline_momentum: float | None = None):
         """One REINFORCE step for the sample `indices` that earned `reward_value`.
+
+        `learning_rate` and `baseline_momentum` default to the controller's own.
 
         With `known_rewards` ([decisions, max choices], see `policy_gradient`),
         `reward_value` is only the sampled part of the reward (the baseline
@@ -246,7 +250,8 @@ class Controller(keras.layers.Layer):
         v = self.beta_2 * self.second_moment + (1.0 - self.beta_2) * ops.square(gradient)
         m_hat = m / (1.0 - ops.power(self.beta_1, count)) if self.beta_1 > 0 else m
         v_hat = v / (1.0 - ops.power(self.beta_2, count))
-        logits = self.logits - self.learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
+        rate = self.learning_rate if learning_rate is None else float(learning_rate)
+        logits = self.logits - rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
 
         def keep(new, old):
             return ops.where(finite, new, ops.convert_to_tensor(old))
@@ -254,7 +259,7 @@ class Controller(keras.layers.Layer):
         self.logits.assign(keep(logits, self.logits))
         self.first_moment.assign(keep(m, self.first_moment))
         self.second_moment.assign(keep(v, self.second_moment))
-        momentum = self.baseline_momentum
+        momentum = self.baseline_momentum if baseline_momentum is None else float(baseline_momentum)
         self.baseline.assign(keep(momentum * baseline + (1.0 - momentum) * safe_reward, self.baseline))
         self.updates.assign(self.updates + ops.cast(finite, "int32"))
         self.skipped.assign(self.skipped + ops.cast(ops.logical_and(active, ops.logical_not(is_finite)), "int32"))

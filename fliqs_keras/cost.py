@@ -33,7 +33,7 @@ import numpy as np
 from keras import ops
 
 from fliqs_keras import formats, layers
-from fliqs_keras.search_model import walk_layers
+from fliqs_keras.graph import attention_parts, call_shapes, walk_layers
 
 METRICS = ("bops", "size", "table")
 FLOAT_BITS = 32
@@ -55,14 +55,13 @@ class LayerCost:
 
 
 def _node_shapes(layer) -> list[tuple[list, list]]:
-    nodes = getattr(layer, "_inbound_nodes", [])
-    if not nodes:
+    shapes = call_shapes(layer)
+    if not shapes:
         raise ValueError(
             f"Layer {layer.name!r} has no call recorded in a model graph, so its MACs cannot be counted: "
             "cost needs a Functional or Sequential model built on a keras.Input."
         )
-    return [([tuple(t.shape) for t in node.input_tensors], [tuple(t.shape) for t in node.output_tensors])
-            for node in nodes]
+    return shapes
 
 
 def _static(layer, shape) -> tuple[int, ...]:
@@ -101,14 +100,14 @@ def _attention_macs(mha, input_shapes) -> tuple[int, int]:
     query_positions = int(np.prod(query[:-1]))
     key_positions = int(np.prod(key[:-1]))
     value_positions = int(np.prod(value[:-1]))
+    parts = attention_parts(mha)
     projections = (
-        query_positions * int(np.prod(mha._query_dense.kernel.shape))
-        + key_positions * int(np.prod(mha._key_dense.kernel.shape))
-        + value_positions * int(np.prod(mha._value_dense.kernel.shape))
-        + query_positions * int(np.prod(mha._output_dense.kernel.shape))
+        query_positions * int(np.prod(parts["query"].kernel.shape))
+        + key_positions * int(np.prod(parts["key"].kernel.shape))
+        + value_positions * int(np.prod(parts["value"].kernel.shape))
+        + query_positions * int(np.prod(parts["output"].kernel.shape))
     )
-    heads = mha._num_heads
-    matmuls = query_positions * key_positions * heads * (mha._key_dim + (mha._value_dim or mha._key_dim))
+    matmuls = query_positions * key_positions * parts["heads"] * (parts["key_dim"] + parts["value_dim"])
     return projections, matmuls
 
 

@@ -1,7 +1,7 @@
 """The policy file: a searched model's chosen formats as versioned JSON.
 
-One file says, for every decision, the chosen format, and for every quantized
-layer its weight and input formats, the per-channel weight scales and input
+One file says, for every decision, the chosen format (and, after a search,
+the search's settings), and for every quantized layer its weight and input formats, the per-channel weight scales and input
 clip it was trained with, its MACs, BOPs and weight bytes. It is what
 `export` writes beside a model and what a later export (or another tool)
 reads back. `load_policy` checks the schema and names what is wrong, so a
@@ -19,7 +19,9 @@ import keras
 
 from fliqs_keras import cost as cost_lib
 from fliqs_keras import files, formats, layers
-from fliqs_keras.search_model import decisions, walk_layers
+from fliqs_keras.graph import walk_layers
+from fliqs_keras.search_config import SearchConfig
+from fliqs_keras.search_model import decisions
 
 KIND = "fliqs_keras.policy"
 VERSION = 1
@@ -65,7 +67,7 @@ def build_policy(model: keras.Model) -> dict[str, Any]:
             "bops": float(costs.layer_cost(entry, weight, activation)),
             "weight_bytes": entry.params * cost_lib.bits(weight) / 8,
         }
-    return {
+    policy = {
         "kind": KIND,
         "version": VERSION,
         "model": model.name,
@@ -74,6 +76,10 @@ def build_policy(model: keras.Model) -> dict[str, Any]:
         "total": {"bops": sum(e["bops"] for e in entries.values()),
                   "weight_bytes": sum(e["weight_bytes"] for e in entries.values())},
     }
+    config = getattr(model, "search_config", None)
+    if config is not None:
+        policy["search"] = config.to_dict()
+    return policy
 
 
 def save_policy(policy: Any, path: str | pathlib.Path) -> dict[str, Any]:
@@ -115,6 +121,13 @@ def validate(policy: Any, where: str = "policy"):
             raise ValueError(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
     for decision, name in policy["decisions"].items():
         _check_format(name, f"{where}: decision {decision!r}")
+    if "search" in policy:
+        if not isinstance(policy["search"], dict):
+            raise ValueError(f"{where}: field 'search' is not an object.")
+        try:
+            SearchConfig.from_dict(policy["search"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: field 'search' is not a valid search config: {error}") from None
     for path, entry in policy["layers"].items():
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: layer {path!r} is not an object.")

@@ -20,15 +20,8 @@ import keras
 from fliqs_keras import formats, layers
 from fliqs_keras.controller import Controller
 from fliqs_keras.format_state import FormatState
-
-
-def walk_layers(model: keras.Model, prefix: str = ""):
-    """(path, layer) for every layer, nested models included (the models themselves too)."""
-    for layer in model.layers:
-        path = prefix + layer.name
-        yield path, layer
-        if isinstance(layer, keras.Model):
-            yield from walk_layers(layer, path + "/")
+from fliqs_keras.graph import walk_layers
+from fliqs_keras.search_config import SearchConfig
 
 
 def searchable_layers(model: keras.Model) -> list:
@@ -64,6 +57,31 @@ class SearchModel(keras.Model):
             wrapper.bind_formats(self.format_state)
         self.controller = Controller([len(choices[name]) for name in self.decision_names], name="fliqs_controller")
         self.search_step = None
+        self.search_config = None  # the settings of the last search, saved with the model
+
+    def start_search(self, step, config):
+        """Makes `step` (a `search_step.SearchStep`) the training step, under search settings `config`."""
+        self.search_step, self.search_config = step, config
+        self.make_train_function(force=True)
+
+    def end_search(self):
+        """Makes the plain training step (fixed-format QAT in the current formats) the training step again."""
+        self.search_step = None
+        self.make_train_function(force=True)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.search_config is not None:
+            config["fliqs_search"] = self.search_config.to_dict()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        search = config.pop("fliqs_search", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model.search_config = None if search is None else SearchConfig.from_dict(search)
+        return model
 
     def train_step(self, *args):
         # TensorFlow's step takes (data); JAX's takes (state, data) and returns (logs, state).

@@ -82,7 +82,7 @@ def test_sequential_and_nested_models():
     np.testing.assert_array_equal(searchable_sequential(x).numpy().shape, (4, 4))
 
 
-@pytest.mark.parametrize("application", ["ResNet50", "MobileNetV2"])
+@pytest.mark.parametrize("application", [pytest.param("ResNet50", marks=pytest.mark.slow), "MobileNetV2"])
 def test_keras_applications_are_wrapped_everywhere_and_run(application):
     model = getattr(keras.applications, application)(weights=None)
     expected = [l.name for l in model.layers

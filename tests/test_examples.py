@@ -56,7 +56,7 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     assert results["test_accuracy"] > 0.5 and results["replicas"] == 1
     assert results["bn_reestimation_examples"] == 4096 and 0.0 < results["test_accuracy_before_bn_reestimation"] <= 1
     assert results["tflite_verified"] and results["tflite_argmax_agreement"] >= 0.95, results
-    assert results["policy_learning_rate"] == fliqs_keras.callback.policy_learning_rate(72)  # 96 steps, 24 warm
+    assert results["policy_learning_rate"] == fliqs_keras.search_config.policy_learning_rate(72)  # 96 steps, 24 warm
     assert set(results["policy_entropy_nats"]) == set(results["policy"])
     assert all(0 < h <= math.log(3) + 1e-6 for h in results["unsettled_decisions_nats"].values())
     # The per-layer table and the cost/accuracy table are printed.

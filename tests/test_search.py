@@ -13,6 +13,7 @@ import pytest
 
 import fliqs_keras
 from fliqs_keras import cost, data
+from fliqs_keras.search_step import SearchStep
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,9 @@ def test_search_logs_learns_and_freezes_the_argmax_policy(digits, tmp_path):
 
 def test_warmup_keeps_the_policy_uniform_and_the_end_reports_an_unsettled_policy(digits, caplog):
     with caplog.at_level(logging.WARNING):
-        model, search, _ = _search(digits, epochs=1, warmup=0.99)
+        # 24 steps, 23 of them warm-up; the one after it is the policy's first update, whose advantage is
+        # zero with the sampled credit (the baseline starts at its reward).
+        model, search, _ = _search(digits, epochs=1, warmup=0.99, cost_credit="sampled")
     np.testing.assert_array_equal(model.controller.logits.numpy(), 0.0)
     # A uniform policy's argmax is every layer's first choice, int2: a quarter of the INT4 target.
     assert search.final_cost_ratio == pytest.approx(0.25)
@@ -237,9 +240,10 @@ def test_exact_cost_credit_costs_each_alternative_and_settles_on_the_target(digi
     model = _searchable()
     search = fliqs_keras.FliqsSearch(target="int4", quality="loss", cost_credit="exact")
     search.set_model(model)
+    step = SearchStep(model, search.config, search.costs, search.target, total_steps=10)
     names, choices = model.decision_names, fliqs_keras.decisions(model)
     sample = [0, 2, 1]
-    alternatives = keras.ops.convert_to_numpy(search._alternative_costs(model, np.array(sample, np.int32)))
+    alternatives = keras.ops.convert_to_numpy(step._alternative_costs(model, np.array(sample, np.int32)))
     costs = cost.CostModel(model)
     for d, name in enumerate(names):
         for k, fmt in enumerate(choices[name]):

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from fliqs_keras import formats, layers, quantizers
-from fliqs_keras.search_model import walk_layers
+from fliqs_keras.graph import sole_producer, walk_layers
 
 
 @keras.saving.register_keras_serializable(package="fliqs_keras")
@@ -136,15 +136,11 @@ def _folds(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
     for prefix, container in [("", model)] + [(p + "/", l) for p, l in walk_layers(model)
                                                if isinstance(l, keras.Model)]:
         for norm in container.layers:
-            if not isinstance(norm, keras.layers.BatchNormalization) or len(norm._inbound_nodes) != 1:
+            if not isinstance(norm, keras.layers.BatchNormalization):
                 continue
-            parents = norm._inbound_nodes[0].parent_nodes
-            if len(parents) != 1:
-                continue
-            producer = parents[0].operation
+            producer = sole_producer(norm)
             axis = norm.axis if isinstance(norm.axis, int) else None
-            if (layers.is_searchable(producer) and isinstance(producer.layer, _FOLDABLE)
-                    and len(producer._inbound_nodes) == 1 and len(producer._outbound_nodes) == 1
+            if (producer is not None and layers.is_searchable(producer) and isinstance(producer.layer, _FOLDABLE)
                     and axis in (-1, len(norm.input.shape) - 1) and producer.weight_formats):
                 result[prefix + producer.name] = norm
     return result
