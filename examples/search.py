@@ -90,9 +90,8 @@ UNSUPPORTED_STRATEGIES = {
 }
 
 
-def _strategy(name: str, tpu: str | None):
-    import tensorflow as tf
-
+def _strategy_key(name: str) -> str:
+    """The supported strategy `name` means; UsageError (before TensorFlow loads) for any other."""
     key = name.lower().replace("-", "_").replace("strategy", "").strip("_")
     if key in ("multiworkermirrored", "multi_worker", "multi_worker_mirrored"):
         key = "multi_worker_mirrored"
@@ -100,6 +99,13 @@ def _strategy(name: str, tpu: str | None):
         raise app.UsageError(f"--strategy={name}: {UNSUPPORTED_STRATEGIES[key]}. Supported: {', '.join(STRATEGIES)}.")
     if key not in STRATEGIES:
         raise app.UsageError(f"Unknown --strategy={name!r}; supported: {', '.join(STRATEGIES)}.")
+    return key
+
+
+def _strategy(name: str, tpu: str | None):
+    import tensorflow as tf
+
+    key = _strategy_key(name)
     if key == "mirrored":
         return tf.distribute.MirroredStrategy()
     if key == "tpu":
@@ -164,6 +170,9 @@ def _search_space():
 
 
 def _check_flags():
+    _strategy_key(FLAGS.strategy)
+    if FLAGS.dataset not in ("mnist", "digits8") and not FLAGS.data_dir:
+        raise app.UsageError(f"--dataset={FLAGS.dataset} is read from a local TFDS directory: pass --data_dir.")
     output = pathlib.Path(FLAGS.output_dir)
     blocking = next((p for p in [output, *output.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:

@@ -38,6 +38,12 @@ def call_shapes(layer: keras.layers.Layer) -> list[tuple[list[tuple], list[tuple
             for node in getattr(layer, "_inbound_nodes", [])]
 
 
+def reads_model_input(layer: keras.layers.Layer, model: keras.Model) -> bool:
+    """Whether a call of `layer` takes one of `model`'s inputs directly."""
+    inputs = {id(t) for t in model.inputs}
+    return any(id(t) in inputs for node in getattr(layer, "_inbound_nodes", []) for t in node.input_tensors)
+
+
 def sole_producer(layer: keras.layers.Layer) -> keras.layers.Layer | None:
     """The layer whose output alone feeds `layer`'s single call, and which feeds nothing else; else None."""
     if call_count(layer) != 1:

@@ -194,6 +194,8 @@ def test_to_tflite_rejects_bad_representative_data_and_destinations_before_conve
     assert not (tmp_path / "nan.tflite").exists()
     with pytest.raises(ValueError, match="representative_data is uint8 .* the model takes float32"):
         export.to_tflite(model, tmp_path / "u8.tflite", (x * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="reaches \\|x\\| = 255; layer 'conv1', .* trained on inputs clipped at"):
+        export.to_tflite(model, tmp_path / "unscaled.tflite", x * 255)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         export.to_tflite(model, tmp_path / "file" / "model.tflite", x)

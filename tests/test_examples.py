@@ -14,6 +14,7 @@ import fliqs_keras
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quantize_digits_runs_and_reports_every_format(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quantize_digits.py"), "--epochs=2",

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from fliqs_keras import files, formats
+from fliqs_keras import files, formats, graph
 from fliqs_keras.export import annotations, legalize, tflite
 from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
@@ -80,6 +80,7 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
     path = files.destination(path)
     examples = _examples(representative_data, model)
     policy = build_policy(model)
+    _check_range(examples, model, policy)
     plans = legalize.plan(policy)
     for plan in plans:
         for note in plan.notes:
@@ -147,6 +148,21 @@ def _examples(data: Any, model: keras.Model) -> np.ndarray:
                          f"values (the first at index {int(np.argmax(bad))}); they would calibrate non-finite "
                          "scales into the file.")
     return array
+
+
+# How far past the trained input clip the representative data may reach before it reads as unscaled.
+_RANGE_FACTOR = 10.0
+
+
+def _check_range(examples: np.ndarray, model: keras.Model, policy: dict[str, Any]):
+    """ValueError when the examples reach far past the inputs that the layers reading them trained on."""
+    largest = float(np.abs(examples).max()) if examples.size else 0.0
+    for path, layer in graph.walk_layers(model):
+        clip = policy["layers"].get(path, {}).get("input_clips", {}).get("input")
+        if clip is not None and graph.reads_model_input(layer, model) and largest > _RANGE_FACTOR * clip:
+            raise ValueError(
+                f"representative_data reaches |x| = {largest:.4g}; layer {path!r}, which reads the model's input, "
+                f"trained on inputs clipped at {clip:.4g}: pass the examples scaled as in training.")
 
 
 def _input_array(data: Any, wanted: np.dtype) -> np.ndarray:
