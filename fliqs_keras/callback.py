@@ -202,6 +202,11 @@ class FliqsSearch(keras.callbacks.Callback):
         self._writer = None
         self.held_out = None
 
+    @property
+    def policy_learning_rate(self) -> float | None:
+        """The policy learning rate of the current (or last) `fit`: the config's, or the one set from its steps."""
+        return None if self.step is None else self.step.learning_rate
+
     # --- set-up -----------------------------------------------------------------------
 
     def set_model(self, model):
@@ -256,9 +261,6 @@ class FliqsSearch(keras.callbacks.Callback):
         if not total:
             raise ValueError("FliqsSearch cannot tell the number of training steps; pass total_steps=...")
         self.step = SearchStep(model, self.config, self.costs, self.target, total, self.held_out)
-        self.policy_learning_rate = self.step.learning_rate
-        """The policy learning rate of the last `fit` (the config's, or the one set from its steps)."""
-        self.warmup_steps, self.search_steps = self.step.warmup_steps, self.step.search_steps
         model.format_state.keep(None)
         self._kept = False
         model.start_search(self.step, self.config)
@@ -273,7 +275,7 @@ class FliqsSearch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if (self.config.max_cost_ratio is not None and self.config.freeze_at < 1 and not self._kept
-                and self._epoch_start + batch >= self.search_steps):
+                and self._epoch_start + batch >= self.step.search_steps):
             self._keep_within_budget()
 
     def _keep_within_budget(self):

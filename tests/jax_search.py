@@ -54,10 +54,10 @@ def main(output_dir):
         "max_entropy": float(np.max(keras.ops.convert_to_numpy(model.controller.entropy()))),
         "updates": int(keras.ops.convert_to_numpy(model.controller.updates)),
         "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        "warmup_steps": search.warmup_steps,
+        "warmup_steps": search.step.warmup_steps,
         # Records inside an epoch must read the state of their step, not the values at the epoch's start.
         "distinct_records": len({json.dumps(r["probabilities"], sort_keys=True) for r in search.history}),
-        "records_after_warmup": sum(r["step"] > search.warmup_steps for r in search.history),
+        "records_after_warmup": sum(r["step"] > search.step.warmup_steps for r in search.history),
         "test_accuracy": model.evaluate(x_test, y_test, verbose=0)[1],
         "policy": fliqs_keras.policy(model)})
     model.save(output_dir / "searched.keras")
