@@ -19,6 +19,32 @@ def test_default_space_searches_int4_and_int8():
     assert resolution.rule == "*"
 
 
+def test_layers_no_rule_names_stay_in_float_and_the_report_says_so():
+    import fliqs_keras
+
+    space = SearchSpace({"Dense": ["int4", "int8"]})
+    resolution = space.resolve("conv1", "Conv2D")
+    assert resolution.rule is None and resolution.choices.is_float
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(x))
+    searchable = fliqs_keras.apply(keras.Model(inputs, outputs), {"Dense": ["int4", "int8"]})
+    assert [w.name for w in fliqs_keras.searchable_layers(searchable)] == ["logits"]
+    report = fliqs_keras.report(searchable)
+    assert report["conv1"].status == "float" and "no rule of the search space names it" in report["conv1"].reason
+
+
+def test_a_list_or_a_string_of_formats_given_to_the_constructor_means_every_supported_layer():
+    for rules in (["int4", "int8"], "int4,int8"):
+        space = SearchSpace(rules)
+        assert [r.key for r in space.rules] == ["*"]
+        assert _names(space.resolve("conv1", "Conv2D").choices.weights) == ["int4", "int8"]
+    with pytest.raises(ValueError, match="An empty search space"):
+        SearchSpace([])
+    with pytest.raises(ValueError, match="rules must be a dict, a list of formats or a string"):
+        SearchSpace(4)
+
+
 def test_name_rules_beat_type_rules_beat_the_default():
     space = SearchSpace({"*": ["int4", "int8", "e4m3"], "Dense": "int8", "logits": None,
                          r"block\d+_conv": ["int2", "int4"], "block1_.*": "e5m2"})
