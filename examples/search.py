@@ -173,10 +173,12 @@ def _check_flags():
     _strategy_key(FLAGS.strategy)
     if FLAGS.dataset not in ("mnist", "digits8") and not FLAGS.data_dir:
         raise app.UsageError(f"--dataset={FLAGS.dataset} is read from a local TFDS directory: pass --data_dir.")
-    output = pathlib.Path(FLAGS.output_dir)
-    blocking = next((p for p in [output, *output.parents] if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise app.UsageError(f"--output_dir={FLAGS.output_dir}: {blocking} is a file, not a folder.")
+    from fliqs_keras import files
+
+    try:
+        files.destination(pathlib.Path(FLAGS.output_dir) / "results.json")
+    except ValueError as error:
+        raise app.UsageError(f"--output_dir={FLAGS.output_dir}: {error}") from None
 
 
 def main(argv):
