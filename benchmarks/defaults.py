@@ -28,7 +28,8 @@ from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 
 import fliqs_keras  # noqa: E402
-from fliqs_keras import callback, data, models  # noqa: E402
+from fliqs_keras import data, models
+from fliqs_keras.search import COST_TOLERANCE, SETTLED_NATS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order, format draws).")
@@ -50,7 +51,7 @@ def readme_snippet(seed: int) -> dict:
     entropy = keras.ops.convert_to_numpy(searchable.controller.entropy())
     return {"run": "readme_snippet", "seed": seed, "cost_ratio": search.final_cost_ratio,
             "entropy_nats": dict(zip(searchable.decision_names, map(float, entropy))),
-            "policy_learning_rate": search.policy_learning_rate, "policy": fliqs_keras.policy(searchable),
+            "policy_learning_rate": search.policy_learning_rate, "policy": fliqs_keras.chosen_formats(searchable),
             "test_accuracy": float(searchable.evaluate(x_test, y_test, verbose=0)[1])}
 
 
@@ -62,7 +63,7 @@ def main_job(seed: int) -> dict:
         results = json.loads((pathlib.Path(output) / "results.json").read_text())
     return {"run": "main_job", "seed": seed, "cost_ratio": results["cost_ratio_to_target"],
             "entropy_nats": results["policy_entropy_nats"], "policy_learning_rate": results["policy_learning_rate"],
-            "policy": results["policy"], "test_accuracy": results["test_accuracy"]}
+            "policy": results["formats"], "test_accuracy": results["test_accuracy"]}
 
 
 def _plot(runs: list[dict], path: pathlib.Path):
@@ -76,12 +77,12 @@ def _plot(runs: list[dict], path: pathlib.Path):
     for row, run in enumerate(runs):
         values = list(run["entropy_nats"].values())
         left.scatter(values, [row] * len(values), color="tab:blue", s=14)
-    left.axvline(callback.SETTLED_NATS, color="tab:red", linestyle="--", label="settled below")
+    left.axvline(SETTLED_NATS, color="tab:red", linestyle="--", label="settled below")
     left.set_xscale("log")
     left.set_yticks(range(len(runs)), labels, fontsize=7)
     left.set_xlabel("final policy entropy per decision (nats)")
     left.legend(fontsize=7)
-    right.axvspan(1 - callback.COST_TOLERANCE, 1 + callback.COST_TOLERANCE, color="0.88", label="target ±10%",
+    right.axvspan(1 - COST_TOLERANCE, 1 + COST_TOLERANCE, color="0.88", label="target ±10%",
                   zorder=0)
     right.scatter([r["cost_ratio"] for r in runs], range(len(runs)), color="tab:green", zorder=2)
     right.set_xlim(0.7, 1.3)
@@ -107,8 +108,8 @@ def main(argv):
             print(json.dumps(runs[-1]))
     results = {
         "benchmark": "defaults", "seeds": [int(s) for s in FLAGS.seeds], "runs": runs,
-        "all_settled": all(max(r["entropy_nats"].values()) < callback.SETTLED_NATS for r in runs),
-        "all_within_10_percent": all(abs(r["cost_ratio"] - 1) <= callback.COST_TOLERANCE for r in runs),
+        "all_settled": all(max(r["entropy_nats"].values()) < SETTLED_NATS for r in runs),
+        "all_within_10_percent": all(abs(r["cost_ratio"] - 1) <= COST_TOLERANCE for r in runs),
         "max_entropy_nats": max(max(r["entropy_nats"].values()) for r in runs),
         "cost_ratios": [r["cost_ratio"] for r in runs],
     }

@@ -329,7 +329,7 @@ def run_fliqs(dataset, splits, seed, space, target, options=None, callbacks=()):
     search = fliqs_keras.FliqsSearch(target=target, validation_data=splits[1], seed=seed, **options)
     trained = _train(searchable, splits, seed, _epochs(dataset), [search, *callbacks])
     entropy = keras.ops.convert_to_numpy(searchable.controller.entropy())
-    row = {**trained, "policy": fliqs_keras.policy(searchable), "bops": cost.bops(searchable),
+    row = {**trained, "policy": fliqs_keras.chosen_formats(searchable), "bops": cost.bops(searchable),
            "max_final_entropy_nats": float(entropy.max())}
     if search.config.max_cost_ratio is not None:
         row["formats_changed_by_budget"] = {n: list(change) for n, change in search.budget_changes.items()}

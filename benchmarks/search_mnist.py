@@ -68,7 +68,7 @@ def run_seed(seed: int, splits) -> dict:
     entropy = keras.ops.convert_to_numpy(searched.controller.entropy())
     return {
         "seed": seed,
-        "policy": fliqs_keras.policy(searched),
+        "policy": fliqs_keras.chosen_formats(searched),
         "bops_ratio_to_target": cost.bops(searched) / target,
         "final_entropy_nats": {name: float(h) for name, h in zip(searched.decision_names, entropy)},
         "fliqs_test_accuracy": float(searched.evaluate(x_test, y_test, verbose=0)[1]),

@@ -12,7 +12,7 @@ formats (`fliqs_keras.reestimate_batch_norm`; --bn_reestimation_examples=0
 keeps those averaged over the search), prints the chosen format of every
 layer with its cost, and the cost/accuracy table, and writes to --output_dir:
 
-* ``policy.json``: the searched policy (`fliqs_keras.export.save_policy`);
+* ``formats.json``: the chosen formats (`fliqs_keras.export.save_formats_file`);
 * ``searched.keras``: the searchable model in its chosen formats (reload it
   for `examples/export.py` or further QAT); ``fixed.keras``: the model with
   the formats frozen into its weights (it loads after ``import fliqs_keras``,
@@ -229,7 +229,7 @@ def main(argv):
             max_examples=FLAGS.bn_reestimation_examples):
         accuracy = test_accuracy()
 
-    chosen = fliqs_keras.policy(searchable)
+    chosen = fliqs_keras.chosen_formats(searchable)
     costs = cost.CostModel(searchable, FLAGS.cost, FLAGS.cost_table)
     results = {
         "model": FLAGS.model, "dataset": FLAGS.dataset, "search_space": FLAGS.search_space,
@@ -237,7 +237,7 @@ def main(argv):
         "cost": costs.cost(chosen), "cost_ratio_to_target": costs.cost(chosen) / search.target,
         "uniform_int8_cost": costs.uniform("int8"), "weight_bytes": cost.size_bits(searchable) / 8,
         "test_accuracy": accuracy, "test_accuracy_before_bn_reestimation": accuracy_as_trained,
-        "bn_reestimation_examples": FLAGS.bn_reestimation_examples, "policy": chosen, "epochs": FLAGS.epochs,
+        "bn_reestimation_examples": FLAGS.bn_reestimation_examples, "formats": chosen, "epochs": FLAGS.epochs,
         "replicas": strategy.num_replicas_in_sync,
         "unsettled_decisions_nats": search.unsettled,
         "policy_entropy_nats": dict(zip(searchable.decision_names, map(float, keras.ops.convert_to_numpy(
@@ -246,7 +246,7 @@ def main(argv):
         "formats_changed_by_budget": {name: {"argmax": a, "kept": k}
                                       for name, (a, k) in search.budget_changes.items()},
     }
-    export.save_policy(searchable, output / "policy.json")
+    export.save_formats_file(searchable, output / "formats.json")
     files.save_model(searchable, output / "searched.keras")
     files.save_model(export.fixed_model(searchable), output / "fixed.keras")
     verification = None

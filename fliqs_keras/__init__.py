@@ -12,15 +12,15 @@ small digits models); `data` the offline digits and the TFDS pipelines;
 the finished model.
 """
 
-from fliqs_keras import (batch_norm, clipping, controller, cost, export, files, format_state, formats, graph, layers,
-                         models, policy_file, quantizers, search_config, search_step)
-from fliqs_keras.apply import apply, report, set_formats
+from fliqs_keras import (batch_norm, clipping, controller, cost, export, files, format_state, formats, formats_file,
+                         graph, layers, models, quantizers, search, search_config, search_step, wrapping)
+from fliqs_keras.wrapping import apply, report, set_formats
 from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
-from fliqs_keras.callback import FliqsSearch
+from fliqs_keras.search import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
 from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, QuantizeWrapper
 from fliqs_keras.search_config import SearchConfig
-from fliqs_keras.search_model import SearchModel, decisions, policy, searchable_layers
+from fliqs_keras.search_model import SearchModel, chosen_formats, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
 
 __version__ = "0.1.0"
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig", "QuantizeWrapper",
     "SearchConfig", "SearchModel", "SearchSpace", "__version__", "apply", "batch_norm", "clipping", "controller",
-    "cost", "decisions", "export", "files", "format_state", "formats", "graph", "layers", "models", "policy",
-    "policy_file", "quantizers", "reestimate_batch_norm", "report", "search_config", "search_step",
-    "searchable_layers", "set_formats",
+    "chosen_formats", "cost", "decisions", "export", "files", "format_state", "formats", "formats_file", "graph",
+    "layers", "models", "quantizers", "reestimate_batch_norm", "report", "search", "search_config",
+    "search_step", "searchable_layers", "set_formats", "wrapping",
 ]

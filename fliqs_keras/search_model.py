@@ -120,17 +120,17 @@ class SearchModel(keras.Model):
             return logs, current()
 
 
-def policy(model: Any) -> dict[str, str]:
+def chosen_formats(model: Any) -> dict[str, str]:
     """The format each decision of a searchable model holds, JSON-serialisable.
 
     After a search these are the chosen formats (the argmax, or those a cost
     limit kept, `FliqsSearch(max_cost_ratio=...)`); after `set_formats`, the
-    ones set. The layers compute in them and the cost, the policy file and
+    ones set. The layers compute in them and the cost, the formats file and
     the export read them.
 
     Raises:
         ValueError: for a model not made by `fliqs_keras.apply`.
     """
     if not isinstance(model, SearchModel):
-        raise ValueError(f"policy() needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
+        raise ValueError(f"chosen_formats() needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
     return {name: fmt.name for name, fmt in model.format_state.formats().items()}

@@ -59,10 +59,10 @@ def main(output_dir):
         "distinct_records": len({json.dumps(r["probabilities"], sort_keys=True) for r in search.history}),
         "records_after_warmup": sum(r["step"] > search.step.warmup_steps for r in search.history),
         "test_accuracy": model.evaluate(x_test, y_test, verbose=0)[1],
-        "policy": fliqs_keras.policy(model)})
+        "policy": fliqs_keras.chosen_formats(model)})
     model.save(output_dir / "searched.keras")
     loaded = keras.models.load_model(output_dir / "searched.keras")
-    report["reloaded_policy"] = fliqs_keras.policy(loaded)
+    report["reloaded_policy"] = fliqs_keras.chosen_formats(loaded)
     report["reloaded_logits_equal"] = bool(np.array_equal(keras.ops.convert_to_numpy(loaded.controller.logits),
                                                           keras.ops.convert_to_numpy(model.controller.logits)))
 
@@ -92,7 +92,7 @@ def main(output_dir):
     search = fliqs_keras.FliqsSearch(target="int4", quality="loss", warmup=0.5, freeze_at=0.75,
                                      max_cost_ratio=1.0, entropy_weight=0.0, learning_rate=1e-6)
     model.fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[search, Formats()])
-    chosen = fliqs_keras.policy(model)
+    chosen = fliqs_keras.chosen_formats(model)
     report.update({"kept": chosen, "kept_cost_ratio": search.final_cost_ratio, "kept_seen_after_freeze": seen[6:],
                    "budget_changes": {k: list(v) for k, v in search.budget_changes.items()}})
 

@@ -50,7 +50,7 @@ def main(output_dir):
     # A budget's formats, kept under the strategy: assigned from the callback, read by every replica's step.
     budgeted = fliqs_keras.FliqsSearch(target="int4", quality="loss", freeze_at=0.75, max_cost_ratio=0.5)
     model.fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[budgeted])
-    kept = fliqs_keras.policy(model)
+    kept = fliqs_keras.chosen_formats(model)
     report = {
         "replicas": strategy.num_replicas_in_sync,
         "steps": steps,

@@ -136,7 +136,7 @@ def _policy(tmp_path):
     fliqs_keras.set_formats(model, "int8")
     rng = np.random.default_rng(0)
     model.fit(rng.normal(size=(64, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, 64), verbose=0)
-    return model, export.save_policy(model, tmp_path / "policy.json")
+    return model, export.save_formats_file(model, tmp_path / "formats.json")
 
 
 def test_policy_files_that_are_garbage_or_contradict_themselves_are_errors(tmp_path):
@@ -144,11 +144,11 @@ def test_policy_files_that_are_garbage_or_contradict_themselves_are_errors(tmp_p
     garbage = tmp_path / "garbage.json"
     garbage.write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match="garbage.json' is not text"):
-        export.load_policy(garbage)
+        export.load_formats_file(garbage)
     contradicting = dict(policy, layers={**policy["layers"], "conv1": {**policy["layers"]["conv1"],
                                                                        "weight_format": "int4"}})
     with pytest.raises(ValueError, match="layer 'conv1' has weight_format int4, but its decision 'conv1' chooses int8"):
-        export.save_policy(contradicting, tmp_path / "bad.json")
+        export.save_formats_file(contradicting, tmp_path / "bad.json")
     with pytest.raises(ValueError, match="chooses int8"):
         fliqs_keras.set_formats(model, contradicting)
 
@@ -157,8 +157,8 @@ def test_save_policy_under_a_regular_file_is_an_error_and_a_failed_write_keeps_t
     model, policy = _policy(tmp_path)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="'.*file' is a file, not a folder"):
-        export.save_policy(policy, tmp_path / "file" / "policy.json")
-    before = (tmp_path / "policy.json").read_bytes()
+        export.save_formats_file(policy, tmp_path / "file" / "formats.json")
+    before = (tmp_path / "formats.json").read_bytes()
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")
@@ -166,9 +166,9 @@ def test_save_policy_under_a_regular_file_is_an_error_and_a_failed_write_keeps_t
     monkeypatch.setattr("os.fsync", full_disk)
     fliqs_keras.set_formats(model, {"conv1": "int4"})
     with pytest.raises(OSError, match="No space left"):
-        export.save_policy(policy, tmp_path / "policy.json")
-    assert (tmp_path / "policy.json").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "policy.json"]
+        export.save_formats_file(policy, tmp_path / "formats.json")
+    assert (tmp_path / "formats.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "formats.json"]
 
 
 @pytest.fixture(scope="module")

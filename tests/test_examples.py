@@ -46,19 +46,19 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     # Enough training for a model whose argmaxes are not near-ties (72% test accuracy, 0.976 agreement here).
     result = _search(tmp_path, "--search_space=int4,int8,e4m3", "--target=int8*0.5", epochs=3, examples=1024)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("policy.json", "searched.keras", "fixed.keras", "model.tflite", "search.png", "results.json"):
+    for name in ("formats.json", "searched.keras", "fixed.keras", "model.tflite", "search.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
     results = json.loads((tmp_path / "results.json").read_text())
-    policy = json.loads((tmp_path / "policy.json").read_text())
-    assert set(results["policy"]) == set(policy["decisions"]) and len(results["policy"]) == 8
-    assert set(results["policy"].values()) <= {"int4", "int8", "e4m3"}
+    policy = json.loads((tmp_path / "formats.json").read_text())
+    assert set(results["formats"]) == set(policy["decisions"]) and len(results["formats"]) == 8
+    assert set(results["formats"].values()) <= {"int4", "int8", "e4m3"}
     assert results["target_cost"] == results["uniform_int8_cost"] * 0.5
     assert results["test_accuracy"] > 0.5 and results["replicas"] == 1
     assert results["bn_reestimation_examples"] == 4096 and 0.0 < results["test_accuracy_before_bn_reestimation"] <= 1
     assert results["tflite_verified"] and results["tflite_argmax_agreement"] >= 0.95, results
     assert results["policy_learning_rate"] == fliqs_keras.search_config.policy_learning_rate(72)  # 96 steps, 24 warm
-    assert set(results["policy_entropy_nats"]) == set(results["policy"])
+    assert set(results["policy_entropy_nats"]) == set(results["formats"])
     assert all(0 < h <= math.log(3) + 1e-6 for h in results["unsettled_decisions_nats"].values())
     # The per-layer table and the cost/accuracy table are printed.
     assert "stage2_block1_2_conv" in result.stdout and "searched policy" in result.stdout
@@ -73,10 +73,10 @@ def test_search_script_runs_mirrored_on_two_logical_cpus(tmp_path):
                      "--warmup_draws=high_first")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["replicas"] == 2 and set(results["policy"]) == {"conv1", "conv2", "logits"}
+    assert results["replicas"] == 2 and set(results["formats"]) == {"conv1", "conv2", "logits"}
     # No batch norm to re-estimate: the accuracy is the model's as trained.
     assert results["test_accuracy"] == results["test_accuracy_before_bn_reestimation"]
-    assert (tmp_path / "policy.json").exists() and not (tmp_path / "model.tflite").exists()
+    assert (tmp_path / "formats.json").exists() and not (tmp_path / "model.tflite").exists()
 
 
 def test_search_script_refuses_multi_worker_and_unknown_strategies(tmp_path):

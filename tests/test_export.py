@@ -210,7 +210,7 @@ def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_pat
     assert sorted(check.checked) == ["fliqs/conv2/kernel", "fliqs/depthwise/kernel"] and check.ok, check
     metadata = annotations.read_metadata(tmp_path / "fp8.tflite")
     assert metadata[annotations.ANNOTATION_METADATA]["fliqs/conv2/kernel"]["format"] == "e4m3"
-    assert metadata[annotations.POLICY_METADATA]["decisions"]["conv2"] == "e4m3"
+    assert metadata[annotations.FORMATS_METADATA]["decisions"]["conv2"] == "e4m3"
     assert {p.layer for p in result.layers if p.annotated} == {"depthwise", "conv2"}
 
     model_t = flatbuffer_utils.read_model_from_bytearray((tmp_path / "fp8.tflite").read_bytes())
@@ -227,9 +227,9 @@ def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_pat
 def test_policy_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_path):
     model, _, _ = trained
     _set(model, {"conv1": "int8", "depthwise": "int4", "conv2": "int4", "dense1": "e4m3", "logits": "int8"})
-    path = tmp_path / "policy.json"
-    written = export.save_policy(model, path)
-    loaded = export.load_policy(path)
+    path = tmp_path / "formats.json"
+    written = export.save_formats_file(model, path)
+    loaded = export.load_formats_file(path)
     assert loaded == json.loads(json.dumps(written))
     assert loaded["decisions"]["dense1"] == "e4m3"
     assert loaded["layers"]["conv2"]["weight_format"] == "int4"
@@ -251,7 +251,7 @@ def test_policy_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_pat
         bad = tmp_path / f"{name}.json"
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):
-            export.load_policy(bad)
+            export.load_formats_file(bad)
     stale = dict(loaded, decisions={k: v for k, v in loaded["decisions"].items() if k != "logits"})
     with pytest.raises(ValueError, match="logits"):
         export.check_matches(stale, model)
@@ -322,7 +322,7 @@ def test_export_script_applies_a_policy_file_and_writes_everything(trained, tmp_
     _set(model, "int8")
     model.save(tmp_path / "searched.keras")
     _set(model, {"conv1": "int8", "depthwise": "int8", "conv2": "int4", "dense1": "int4", "logits": "int8"})
-    export.save_policy(model, tmp_path / "mixed.json")
+    export.save_formats_file(model, tmp_path / "mixed.json")
     np.save(tmp_path / "inputs.npy", x_test[:200])
     root = pathlib.Path(__file__).resolve().parent.parent
     run = subprocess.run(
@@ -332,7 +332,7 @@ def test_export_script_applies_a_policy_file_and_writes_everything(trained, tmp_
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "argmax agreement" in run.stdout and "int4" in run.stdout
-    written = export.load_policy(tmp_path / "out" / "policy.json")
+    written = export.load_formats_file(tmp_path / "out" / "formats.json")
     assert written["decisions"]["conv2"] == "int4" and written["decisions"]["conv1"] == "int8"
     for name in ("model.tflite", "fixed.keras"):
         assert (tmp_path / "out" / name).stat().st_size > 0

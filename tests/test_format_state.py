@@ -35,26 +35,26 @@ def test_set_formats_reaches_the_layers_policy_report_cost_and_policy_file():
     model, _ = _trained()
     fliqs_keras.set_formats(model, "int8")
     everywhere_int8 = {"conv1": "int8", "logits": "int8"}
-    assert fliqs_keras.policy(model) == everywhere_int8
+    assert fliqs_keras.chosen_formats(model) == everywhere_int8
     assert _layers_hold(model) == everywhere_int8
     assert fliqs_keras.report(model)["conv1"].current == ("int8",)
     assert "now int8" in str(fliqs_keras.report(model))
     costs = cost.CostModel(model)
-    assert cost.bops(model) == costs.uniform("int8") == costs.cost(fliqs_keras.policy(model))
-    assert export.build_policy(model)["decisions"] == everywhere_int8
+    assert cost.bops(model) == costs.uniform("int8") == costs.cost(fliqs_keras.chosen_formats(model))
+    assert export.build_formats_file(model)["decisions"] == everywhere_int8
     fliqs_keras.set_formats(model, {"logits": "int4"})
-    assert fliqs_keras.policy(model) == _layers_hold(model) == {"conv1": "int8", "logits": "int4"}
+    assert fliqs_keras.chosen_formats(model) == _layers_hold(model) == {"conv1": "int8", "logits": "int4"}
 
 
 def test_a_loaded_policy_file_applies_to_the_searchable_model(tmp_path):
     model, x = _trained()
     fliqs_keras.set_formats(model, {"conv1": "int4", "logits": "int8"})
-    written = export.save_policy(model, tmp_path / "policy.json")
+    written = export.save_formats_file(model, tmp_path / "formats.json")
     expected_output = keras.ops.convert_to_numpy(model(x[:4]))
     fliqs_keras.set_formats(model, "int8")
-    fliqs_keras.set_formats(model, export.load_policy(tmp_path / "policy.json"))
-    assert fliqs_keras.policy(model) == _layers_hold(model) == {"conv1": "int4", "logits": "int8"}
-    assert export.build_policy(model) == written
+    fliqs_keras.set_formats(model, export.load_formats_file(tmp_path / "formats.json"))
+    assert fliqs_keras.chosen_formats(model) == _layers_hold(model) == {"conv1": "int4", "logits": "int8"}
+    assert export.build_formats_file(model) == written
     assert cost.bops(model) == written["total"]["bops"]
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x[:4])), expected_output)
     other = dict(written, decisions={"conv1": "int4"})
@@ -69,7 +69,7 @@ def test_the_formats_live_in_the_models_state_only():
     assert not [n for n in names if "format" in n], names
     assert model.format_state.names == ["conv1", "logits"]
     model.format_state.assign(np.array([1, 0], np.int32))
-    assert fliqs_keras.policy(model) == _layers_hold(model) == {"conv1": "int8", "logits": "int4"}
+    assert fliqs_keras.chosen_formats(model) == _layers_hold(model) == {"conv1": "int8", "logits": "int4"}
     with pytest.raises(ValueError, match="already belongs to another searchable model"):
         fliqs_keras.SearchModel(model.inputs, model.outputs)
 
@@ -79,7 +79,7 @@ def test_a_saved_model_keeps_its_formats(tmp_path):
     fliqs_keras.set_formats(model, {"conv1": "int8", "logits": "int4"})
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert fliqs_keras.policy(loaded) == _layers_hold(loaded) == {"conv1": "int8", "logits": "int4"}
+    assert fliqs_keras.chosen_formats(loaded) == _layers_hold(loaded) == {"conv1": "int8", "logits": "int4"}
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x[:4])),
                                keras.ops.convert_to_numpy(model(x[:4])), rtol=1e-6, atol=1e-6)
 

@@ -71,7 +71,7 @@ def test_model_builds_runs_and_takes_a_search_step(name):
     low, high = costs.bounds()
     target = costs.target("int8*0.75")
     assert low / target - 1e-6 <= history.history["cost_ratio"][-1] <= high / target + 1e-6
-    assert set(fliqs_keras.policy(searchable)) == set(fliqs_keras.decisions(searchable))
+    assert set(fliqs_keras.chosen_formats(searchable)) == set(fliqs_keras.decisions(searchable))
 
 
 def test_vit_saves_and_loads(tmp_path):

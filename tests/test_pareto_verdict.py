@@ -242,7 +242,7 @@ def test_keep_at_freeze_replaces_the_policy_the_search_kept_within_its_budget(pa
     keep = pareto._KeepAtFreeze(steps // 2, {"conv": "int8", "logits": "int4"})
     model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0, callbacks=[search, keep])
     # No policy within the search's budget has the conv at INT8: this is the kept policy replaced.
-    assert fliqs_keras.policy(model) == {"conv": "int8", "logits": "int4"}
+    assert fliqs_keras.chosen_formats(model) == {"conv": "int8", "logits": "int4"}
 
 
 def test_random_climbs_reach_only_and_every_maximal_policy(pareto):

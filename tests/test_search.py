@@ -54,7 +54,7 @@ def test_search_logs_learns_and_freezes_the_argmax_policy(digits, tmp_path):
     model, search, history = _search(digits, epochs=3, log_dir=str(tmp_path / "tb"))
     for key in ("reward", "quality", "cost_ratio", "expected_cost_ratio", "entropy"):
         assert np.isfinite(history.history[key]).all(), key
-    chosen = fliqs_keras.policy(model)
+    chosen = fliqs_keras.chosen_formats(model)
     assert set(chosen) == {"conv1", "conv2", "logits"}
     # The layers hold the chosen formats: evaluation runs them, with the trained weights.
     assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
@@ -109,7 +109,7 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     # absl's own logger level, not only the root's: other tests may have parsed absl's flags.
     with caplog.at_level(logging.INFO, logger="absl"):
         model.fit(x[:512], y[:512], epochs=1, batch_size=64, verbose=0, callbacks=[search, Formats()])
-    chosen = fliqs_keras.policy(model)
+    chosen = fliqs_keras.chosen_formats(model)
     costs = cost.CostModel(model)
     assert costs.cost(chosen) <= costs.target("int4") and search.final_cost_ratio <= 1.0
     assert chosen != {"conv1": "int8", "conv2": "int8", "logits": "int8"}
@@ -118,7 +118,7 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
     assert any("kept the most probable policy found within it" in r.getMessage() for r in caplog.records)
     model.save(tmp_path / "kept.keras")
-    assert fliqs_keras.policy(keras.models.load_model(tmp_path / "kept.keras")) == chosen
+    assert fliqs_keras.chosen_formats(keras.models.load_model(tmp_path / "kept.keras")) == chosen
     with pytest.raises(ValueError, match="max_cost_ratio must be a number > 0"):
         fliqs_keras.FliqsSearch(quality="loss", max_cost_ratio=0.0)
     with pytest.raises(ValueError, match=r"max_cost_ratio=0.1 allows at most .* below the cheapest policy"):
@@ -132,7 +132,7 @@ def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
     multi, _, _ = _search(digits, seed=3, steps_per_execution=4)
     np.testing.assert_array_equal(first.controller.logits.numpy(), again.controller.logits.numpy())
     np.testing.assert_allclose(first.controller.logits.numpy(), multi.controller.logits.numpy(), atol=1e-5)
-    assert fliqs_keras.policy(first) == fliqs_keras.policy(multi)
+    assert fliqs_keras.chosen_formats(first) == fliqs_keras.chosen_formats(multi)
 
 
 def test_an_interrupted_search_resumes_to_the_same_policy(digits, tmp_path):
@@ -148,7 +148,7 @@ def test_an_interrupted_search_resumes_to_the_same_policy(digits, tmp_path):
         _search(digits, epochs=3, seed=4, callbacks=[backup, Interrupt()])
     resumed, _, _ = _search(digits, epochs=3, seed=4, callbacks=[backup])
     np.testing.assert_allclose(resumed.controller.logits.numpy(), reference.controller.logits.numpy(), atol=1e-5)
-    assert fliqs_keras.policy(resumed) == fliqs_keras.policy(reference)
+    assert fliqs_keras.chosen_formats(resumed) == fliqs_keras.chosen_formats(reference)
 
 
 def test_search_state_survives_a_keras_file(digits, tmp_path):
@@ -158,7 +158,7 @@ def test_search_state_survives_a_keras_file(digits, tmp_path):
     assert isinstance(loaded, fliqs_keras.SearchModel)
     np.testing.assert_array_equal(loaded.controller.logits.numpy(), model.controller.logits.numpy())
     assert float(loaded.controller.baseline.numpy()) == float(model.controller.baseline.numpy())
-    assert fliqs_keras.policy(loaded) == fliqs_keras.policy(model)
+    assert fliqs_keras.chosen_formats(loaded) == fliqs_keras.chosen_formats(model)
 
 
 def test_quality_from_the_training_loss_needs_no_held_out_data(digits):
@@ -335,7 +335,7 @@ def test_history_records_the_probabilities_every_few_steps_and_the_figure_draws_
             assert sum(row.values()) == pytest.approx(1.0, abs=1e-5)
     first = search.history[0]["probabilities"]
     assert all(p == pytest.approx(1 / 3) for row in first.values() for p in row.values())  # uniform at the start
-    chosen = fliqs_keras.policy(model)
+    chosen = fliqs_keras.chosen_formats(model)
     path = plots.search_figure(search.history, chosen, search.costs, tmp_path / "search.png")
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="No probabilities were recorded"):
@@ -358,7 +358,7 @@ def test_freeze_at_trains_the_argmax_formats_alone_for_the_rest_of_the_run(digit
     assert int(model.controller.updates.numpy()) == frozen_from - total // 4
     probabilities = [r["probabilities"] for r in search.history if r["step"] >= frozen_from]
     assert len(probabilities) == total - frozen_from + 1 and all(p == probabilities[0] for p in probabilities)
-    chosen = fliqs_keras.policy(model)
+    chosen = fliqs_keras.chosen_formats(model)
     assert [s for _, s in seen] == [1.0] * frozen_from + [0.0] * (total - frozen_from)
     assert all(formats == chosen for formats, _ in seen[frozen_from:])
     assert len({tuple(sorted(f.items())) for f, _ in seen[:frozen_from]}) > 1  # sampled while searching

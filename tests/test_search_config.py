@@ -55,11 +55,11 @@ def test_the_search_stores_its_config_in_the_keras_file_and_the_policy_file(tmp_
     assert model.search_config == config and search.policy_learning_rate == 0.02
     model.save(tmp_path / "m.keras")
     assert keras.models.load_model(tmp_path / "m.keras").search_config == config
-    policy = export.save_policy(model, tmp_path / "policy.json")
-    assert export.load_policy(tmp_path / "policy.json")["search"] == config.to_dict() == policy["search"]
+    policy = export.save_formats_file(model, tmp_path / "formats.json")
+    assert export.load_formats_file(tmp_path / "formats.json")["search"] == config.to_dict() == policy["search"]
     broken = dict(policy, search={**policy["search"], "warmup": 2.0})
     with pytest.raises(ValueError, match="field 'search' is not a valid search config: warmup must be"):
-        export.save_policy(broken, tmp_path / "bad.json")
+        export.save_formats_file(broken, tmp_path / "bad.json")
 
 
 def test_the_step_has_no_way_back_to_the_callback_and_the_controller_keeps_its_settings():

@@ -1,12 +1,12 @@
-"""Export a searched (or fixed-format) model: the fixed Keras model, the policy file, and TFLite.
+"""Export a searched (or fixed-format) model: the fixed Keras model, the formats file, and TFLite.
 
     fixed = fliqs_keras.export.fixed_model(searched)       # no wrappers, chosen formats frozen
-    fliqs_keras.export.save_policy(searched, "policy.json")
+    fliqs_keras.export.save_formats_file(searched, "formats.json")
     result = fliqs_keras.export.to_tflite(searched, "model.tflite", representative_x)
     result.argmax_agreement, result.layers                   # agreement with Keras, legalization
 
-`to_tflite` writes a file that runs the mixed policy for real (see `tflite`
-and `legalize`), carries the policy and the format annotations in its
+`to_tflite` writes a file that runs the chosen formats for real (see `tflite`
+and `legalize`), carries the formats file and the format annotations in its
 metadata (`annotations`), and checks itself: it runs in the LiteRT
 interpreter on a sample of the representative inputs and compares with the
 Keras model in its chosen formats. Below `min_agreement` it raises
@@ -29,7 +29,7 @@ from fliqs_keras.export import annotations, legalize, tflite
 from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
 from fliqs_keras.export.legalize import LayerPlan
-from fliqs_keras.policy_file import build_policy, check_matches, load_policy, save_policy
+from fliqs_keras.formats_file import build_formats_file, check_matches, load_formats_file, save_formats_file
 from fliqs_keras.search_model import SearchModel
 
 
@@ -79,19 +79,19 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
         raise ValueError(f"to_tflite needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
     path = files.destination(path)
     examples = _examples(representative_data, model)
-    policy = build_policy(model)
-    _check_range(examples, model, policy)
-    plans = legalize.plan(policy)
+    record = build_formats_file(model)
+    _check_range(examples, model, record)
+    plans = legalize.plan(record)
     for plan in plans:
         for note in plan.notes:
             logging.info("fliqs_keras.export: %s: %s", plan.layer, note)
-    exported, kernels = float_model(model, saturate=_saturation(plans, policy))
+    exported, kernels = float_model(model, saturate=_saturation(plans, record))
     float_tflite = tflite.convert(exported)
-    content, named, plans = tflite.quantize(float_tflite, plans, kernels, policy, examples[:_CALIBRATION])
+    content, named, plans = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
     annotated = {f"fliqs/{p.layer}/kernel": annotations.annotation(
         p.layer, kernels[p.layer].fmt, kernels[p.layer].scale, _tflite_channel_axis(exported, p.layer))
         for p in plans if p.annotated and p.layer in kernels}
-    content = annotations.add_metadata(content, {annotations.POLICY_METADATA: policy,
+    content = annotations.add_metadata(content, {annotations.FORMATS_METADATA: record,
                                                  annotations.ANNOTATION_METADATA: annotated})
     files.write_bytes(path, content)
     check = verify_annotations(content)
@@ -111,12 +111,12 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
 _CALIBRATION = 200
 
 
-def _saturation(plans: list[LayerPlan], policy: dict[str, Any]) -> dict[str, tuple[float | None, float]]:
+def _saturation(plans: list[LayerPlan], record: dict[str, Any]) -> dict[str, tuple[float | None, float]]:
     """Inputs narrower than INT8 run in INT8 tensors with their own step, whose range
     reaches past the clip; an explicit clip before the layer saturates them as trained."""
     result = {}
     for plan in plans:
-        entry = policy["layers"][plan.layer]
+        entry = record["layers"][plan.layer]
         if plan.activation_bits == 8 and "input" in entry["input_clips"] and (
                 formats.get(plan.activation_format).bits < 8):
             clip, signed = entry["input_clips"]["input"], entry["input_signed"]["input"]
@@ -154,11 +154,11 @@ def _examples(data: Any, model: keras.Model) -> np.ndarray:
 _RANGE_FACTOR = 10.0
 
 
-def _check_range(examples: np.ndarray, model: keras.Model, policy: dict[str, Any]):
+def _check_range(examples: np.ndarray, model: keras.Model, record: dict[str, Any]):
     """ValueError when the examples reach far past the inputs that the layers reading them trained on."""
     largest = float(np.abs(examples).max()) if examples.size else 0.0
     for path, layer in graph.walk_layers(model):
-        clip = policy["layers"].get(path, {}).get("input_clips", {}).get("input")
+        clip = record["layers"].get(path, {}).get("input_clips", {}).get("input")
         if clip is not None and graph.reads_model_input(layer, model) and largest > _RANGE_FACTOR * clip:
             raise ValueError(
                 f"representative_data reaches |x| = {largest:.4g}; layer {path!r}, which reads the model's input, "
@@ -210,6 +210,6 @@ def _weight_bytes(content: bytes, named: dict[str, int]) -> dict[str, int]:
 
 __all__ = [
     "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
-    "build_policy", "check_matches", "fixed_model", "float_model", "load_policy", "save_policy", "to_tflite",
+    "build_formats_file", "check_matches", "fixed_model", "float_model", "load_formats_file", "save_formats_file", "to_tflite",
     "verify_annotations",
 ]

@@ -6,8 +6,8 @@ trained values, ``code * scale`` with one scale per channel, and annotated:
 the file's metadata ``fliqs_annotations`` maps the tensor name to the layer,
 the format, the channel axis and the scales. `verify_annotations` checks, for
 every annotated tensor, that each value is a code of its format times its
-channel's scale, bit for bit in float32. The policy itself goes in the
-metadata ``fliqs_policy``.
+channel's scale, bit for bit in float32. The formats file itself goes in the
+metadata ``fliqs_formats``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from fliqs_keras import formats, quantizers
 
-POLICY_METADATA = "fliqs_policy"
+FORMATS_METADATA = "fliqs_formats"
 ANNOTATION_METADATA = "fliqs_annotations"
 
 

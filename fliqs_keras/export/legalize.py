@@ -70,7 +70,7 @@ def weight_widening(weight_format, storage_bits: int) -> int:
 
 
 def plan_layer(layer: str, entry: dict[str, Any]) -> LayerPlan:
-    """The treatment of one policy entry (see `policy_file`)."""
+    """The treatment of one layer entry of a formats file (see `formats_file`)."""
     weight = formats.get(entry["weight_format"]) if entry["weight_format"] else None
     activation = formats.get(entry["activation_format"]) if entry["activation_format"] else None
     notes = []
@@ -121,9 +121,9 @@ def plan_layer(layer: str, entry: dict[str, Any]) -> LayerPlan:
                      weight is not None and weight_bits is None, tuple(notes))
 
 
-def plan(policy: dict[str, Any]) -> list[LayerPlan]:
-    """The treatment of every layer of a policy, in its order."""
-    return [plan_layer(layer, entry) for layer, entry in policy["layers"].items()]
+def plan(record: dict[str, Any]) -> list[LayerPlan]:
+    """The treatment of every layer of a formats file, in its order."""
+    return [plan_layer(layer, entry) for layer, entry in record["layers"].items()]
 
 
 def report(plans: list[LayerPlan]) -> str:

@@ -160,7 +160,7 @@ def input_range(clip: float, signed: bool, bits: int) -> tuple[float, float]:
 
 
 def trained_ranges(model_t, plans: list[LayerPlan], named: dict[str, int], kernels: dict[str, ExportedWeight],
-                   policy: dict[str, Any]) -> tuple[dict[str, dict[str, np.ndarray]], dict[int, int]]:
+                   record: dict[str, Any]) -> tuple[dict[str, dict[str, np.ndarray]], dict[int, int]]:
     """The trained weight scales and input clips as {tensor name: {"min", "max"}}.
 
     Also {op index: activation bits} of the max pools and reshapes between a
@@ -185,12 +185,12 @@ def trained_ranges(model_t, plans: list[LayerPlan], named: dict[str, int], kerne
         shape = [1] * len(weight.shape)
         shape[axis] = -1
         qmax = 2.0 ** (plan.weight_bits - 1) - 1
-        widen = legalize.weight_widening(policy["layers"][plan.layer]["weight_format"], plan.weight_bits)
+        widen = legalize.weight_widening(record["layers"][plan.layer]["weight_format"], plan.weight_bits)
         bound = (kernels[plan.layer].scale.astype(np.float64) / widen * qmax).reshape(shape)
         ranges[weight.name.decode()] = {"min": -bound, "max": bound}
         if plan.activation_bits is None:
             continue
-        entry = policy["layers"][plan.layer]
+        entry = record["layers"][plan.layer]
         clip, signed = entry["input_clips"]["input"], entry["input_signed"]["input"]
         bits = formats.get(entry["activation_format"]).bits
         low, high = input_range(clip, signed, bits)
@@ -219,7 +219,7 @@ def trained_ranges(model_t, plans: list[LayerPlan], named: dict[str, int], kerne
 
 
 def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, ExportedWeight],
-             policy: dict[str, Any], representative_data) -> tuple[bytes, dict[str, int], list[LayerPlan]]:
+             record: dict[str, Any], representative_data) -> tuple[bytes, dict[str, int], list[LayerPlan]]:
     """The mixed-precision flatbuffer, {layer: op index} of the named layers, and the plans as carried out."""
     from ai_edge_litert.tools import flatbuffer_utils
     from ai_edge_quantizer import calibrator, quantizer, recipe_manager
@@ -230,7 +230,7 @@ def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, Exp
     plans = widen_outputs(model_t, plans, named)
     named_tflite = bytes(flatbuffer_utils.convert_object_to_bytearray(model_t))
     graph = model_t.subgraphs[0]
-    trained, passthrough = trained_ranges(model_t, plans, named, kernels, policy)
+    trained, passthrough = trained_ranges(model_t, plans, named, kernels, record)
     rules = recipe(plans, {layer: WEIGHT_OPS[builtin_code(model_t, graph.operators[index])]
                            for layer, index in named.items()})
     if not rules:

@@ -4,7 +4,7 @@
     searchable.compile(optimizer, loss, metrics=["accuracy"])
     searchable.fit(train, epochs=10, callbacks=[
         fliqs_keras.FliqsSearch(cost="bops", target="int4", validation_data=held_out)])
-    fliqs_keras.policy(searchable)   # {"conv1": "int8", "conv2": "int4", ...}
+    fliqs_keras.chosen_formats(searchable)   # {"conv1": "int8", "conv2": "int4", ...}
 
 It builds a `search_step.SearchStep` from its frozen `SearchConfig` when
 training begins and installs it in the model; the callback itself does the
@@ -74,7 +74,7 @@ from keras import ops
 from fliqs_keras import budget
 from fliqs_keras.cost import CostModel
 from fliqs_keras.search_config import SearchConfig
-from fliqs_keras.search_model import SearchModel, decisions, policy
+from fliqs_keras.search_model import SearchModel, chosen_formats, decisions
 from fliqs_keras.search_step import SearchStep
 
 # A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
@@ -350,7 +350,7 @@ class FliqsSearch(keras.callbacks.Callback):
             self._keep_within_budget()
         state = model.format_state
         state.assign(state.kept_or(model.controller.argmax()))
-        chosen = policy(model)
+        chosen = chosen_formats(model)
         final = self.costs.cost(chosen)
         self.final_cost_ratio = final / self.target
         entropy = keras.ops.convert_to_numpy(model.controller.entropy())

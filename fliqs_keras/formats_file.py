@@ -1,10 +1,10 @@
-"""The policy file: a searched model's chosen formats as versioned JSON.
+"""The formats file: a searched model's chosen formats as versioned JSON.
 
 One file says, for every decision, the chosen format (and, after a search,
 the search's settings), and for every quantized layer its weight and input formats, the per-channel weight scales and input
 clip it was trained with, its MACs, BOPs and weight bytes. It is what
 `export` writes beside a model and what a later export (or another tool)
-reads back. `load_policy` checks the schema and names what is wrong, so a
+reads back. `load_formats_file` checks the schema and names what is wrong, so a
 corrupt, truncated, stale or newer file is an error, never a silent default.
 """
 
@@ -23,7 +23,7 @@ from fliqs_keras.graph import walk_layers
 from fliqs_keras.search_config import SearchConfig
 from fliqs_keras.search_model import decisions
 
-KIND = "fliqs_keras.policy"
+KIND = "fliqs_keras.formats"
 VERSION = 1
 
 _LAYER_FIELDS = {
@@ -33,8 +33,8 @@ _LAYER_FIELDS = {
 }
 
 
-def build_policy(model: keras.Model) -> dict[str, Any]:
-    """The policy of a searchable model in its current formats (after a search: the chosen ones).
+def build_formats_file(model: keras.Model) -> dict[str, Any]:
+    """The formats file of a searchable model in its current formats (after a search: the chosen ones).
 
     Input clips are those trained in the chosen formats; an input format that
     never ran in training raises a ValueError naming the layer.
@@ -67,7 +67,7 @@ def build_policy(model: keras.Model) -> dict[str, Any]:
             "bops": float(costs.layer_cost(entry, weight, activation)),
             "weight_bytes": entry.params * cost_lib.bits(weight) / 8,
         }
-    policy = {
+    record = {
         "kind": KIND,
         "version": VERSION,
         "model": model.name,
@@ -78,57 +78,57 @@ def build_policy(model: keras.Model) -> dict[str, Any]:
     }
     config = getattr(model, "search_config", None)
     if config is not None:
-        policy["search"] = config.to_dict()
-    return policy
+        record["search"] = config.to_dict()
+    return record
 
 
-def save_policy(policy: Any, path: str | pathlib.Path) -> dict[str, Any]:
-    """Writes a policy (a dict from `build_policy`, or a searchable model) as JSON; returns it."""
-    if isinstance(policy, keras.Model):
-        policy = build_policy(policy)
-    validate(policy, str(path))
-    files.write_text(path, json.dumps(policy, indent=1, sort_keys=False))
-    return policy
+def save_formats_file(record: Any, path: str | pathlib.Path) -> dict[str, Any]:
+    """Writes a formats file (a dict from `build_formats_file`, or a searchable model) as JSON; returns it."""
+    if isinstance(record, keras.Model):
+        record = build_formats_file(record)
+    validate(record, str(path))
+    files.write_text(path, json.dumps(record, indent=1, sort_keys=False))
+    return record
 
 
-def load_policy(path: str | pathlib.Path) -> dict[str, Any]:
-    """Reads and checks a policy file; ValueError says which file and what is wrong."""
+def load_formats_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads and checks a formats file; ValueError says which file and what is wrong."""
     path = pathlib.Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:
-        raise ValueError(f"Cannot read policy file {str(path)!r}: {error}.") from None
+        raise ValueError(f"Cannot read formats file {str(path)!r}: {error}.") from None
     except UnicodeDecodeError:
-        raise ValueError(f"Policy file {str(path)!r} is not text (a binary or corrupt file?): it is not "
+        raise ValueError(f"Formats file {str(path)!r} is not text (a binary or corrupt file?): it is not "
                          "UTF-8 JSON.") from None
     try:
-        policy = json.loads(text)
+        record = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"Policy file {str(path)!r} is not valid JSON (truncated or corrupt?): {error}.") from None
-    validate(policy, str(path))
-    return policy
+        raise ValueError(f"Formats file {str(path)!r} is not valid JSON (truncated or corrupt?): {error}.") from None
+    validate(record, str(path))
+    return record
 
 
-def validate(policy: Any, where: str = "policy"):
-    """Raises ValueError naming the first thing in `policy` that breaks the schema."""
-    if not isinstance(policy, dict) or policy.get("kind") != KIND:
-        raise ValueError(f"{where} is not a fliqs_keras policy (no \"kind\": {KIND!r}).")
-    version = policy.get("version")
+def validate(record: Any, where: str = "record"):
+    """Raises ValueError naming the first thing in `record` that breaks the schema."""
+    if not isinstance(record, dict) or record.get("kind") != KIND:
+        raise ValueError(f"{where} is not a fliqs_keras formats file (no \"kind\": {KIND!r}).")
+    version = record.get("version")
     if version != VERSION:
-        raise ValueError(f"{where} has policy version {version!r}; this fliqs_keras reads version {VERSION}.")
+        raise ValueError(f"{where} has formats-file version {version!r}; this fliqs_keras reads version {VERSION}.")
     for key, kind in (("model", str), ("decisions", dict), ("layers", dict), ("total", dict)):
-        if not isinstance(policy.get(key), kind):
+        if not isinstance(record.get(key), kind):
             raise ValueError(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
-    for decision, name in policy["decisions"].items():
+    for decision, name in record["decisions"].items():
         _check_format(name, f"{where}: decision {decision!r}")
-    if "search" in policy:
-        if not isinstance(policy["search"], dict):
+    if "search" in record:
+        if not isinstance(record["search"], dict):
             raise ValueError(f"{where}: field 'search' is not an object.")
         try:
-            SearchConfig.from_dict(policy["search"])
+            SearchConfig.from_dict(record["search"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: field 'search' is not a valid search config: {error}") from None
-    for path, entry in policy["layers"].items():
+    for path, entry in record["layers"].items():
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: layer {path!r} is not an object.")
         for field, kind in _LAYER_FIELDS.items():
@@ -138,9 +138,9 @@ def validate(policy: Any, where: str = "policy"):
             if entry[field] is not None:
                 _check_format(entry[field], f"{where}: layer {path!r} {field}")
         for decision in entry["decisions"]:
-            if decision not in policy["decisions"]:
+            if decision not in record["decisions"]:
                 raise ValueError(f"{where}: layer {path!r} names decision {decision!r}, which has no format.")
-        _check_layer_follows_decisions(entry, policy["decisions"], f"{where}: layer {path!r}")
+        _check_layer_follows_decisions(entry, record["decisions"], f"{where}: layer {path!r}")
         for weight, scales in entry["weight_scales"].items():
             if not scales or not all(_positive(s) for s in scales):
                 raise ValueError(f"{where}: layer {path!r} weight {weight!r} needs positive finite scales.")
@@ -149,14 +149,14 @@ def validate(policy: Any, where: str = "policy"):
                 raise ValueError(f"{where}: layer {path!r} input {name!r} needs a positive clip and a sign.")
 
 
-def check_matches(policy: dict[str, Any], model: keras.Model, where: str = "policy"):
-    """Raises ValueError when `policy` was written for another model (a stale file)."""
+def check_matches(record: dict[str, Any], model: keras.Model, where: str = "record"):
+    """Raises ValueError when `record` was written for another model (a stale file)."""
     known = decisions(model)
-    missing, extra = sorted(set(known) - set(policy["decisions"])), sorted(set(policy["decisions"]) - set(known))
+    missing, extra = sorted(set(known) - set(record["decisions"])), sorted(set(record["decisions"]) - set(known))
     if missing or extra:
         raise ValueError(f"{where} does not fit model {model.name!r}: decisions missing from the file {missing}, "
                          f"decisions the model does not have {extra}.")
-    for name, fmt in policy["decisions"].items():
+    for name, fmt in record["decisions"].items():
         if formats.get(fmt) not in known[name]:
             raise ValueError(f"{where}: decision {name!r} chooses {fmt}, which is not among the model's choices "
                              f"{[f.name for f in known[name]]}.")

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from absl import logging
 
-from fliqs_keras import formats, layers, policy_file
+from fliqs_keras import formats, layers, formats_file
 from fliqs_keras.graph import is_graph_model, walk_layers
 from fliqs_keras.search_model import SearchModel, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
@@ -227,7 +227,7 @@ def set_formats(model: keras.Model, choice: Any):
     Args:
         model: a model made by `apply` (or one holding searchable layers).
         choice: a format for every decision, ``{decision: format}`` for some,
-            or a policy as `export.load_policy` returns it (its decisions).
+            or a policy as `export.load_formats_file` returns it (its decisions).
 
     Raises:
         ValueError: naming the decision when a format is not among its
@@ -238,9 +238,9 @@ def set_formats(model: keras.Model, choice: Any):
     if not wrappers:
         raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
     known = decisions(model)
-    if isinstance(choice, dict) and choice.get("kind") == policy_file.KIND:
-        policy_file.validate(choice)
-        policy_file.check_matches(choice, model)
+    if isinstance(choice, dict) and choice.get("kind") == formats_file.KIND:
+        formats_file.validate(choice)
+        formats_file.check_matches(choice, model)
         choice = choice["decisions"]
     mapping = dict(choice) if isinstance(choice, dict) else {name: choice for name in known}
     unknown = set(mapping) - set(known)
