@@ -40,6 +40,7 @@ from absl import app, flags, logging  # noqa: E402
 FLAGS = flags.FLAGS
 MODELS = ("digits_resnet", "digits_mobilenet", "small_cnn", "resnet18", "resnet50", "mobilenet_v2", "vit")
 DATASETS = ("mnist", "digits8", "cifar10", "imagenet2012")
+OFFLINE_DATASETS = ("mnist", "digits8")
 STRATEGIES = ("default", "mirrored", "tpu")
 flags.DEFINE_enum("model", "digits_resnet", MODELS, "Model from fliqs_keras.models.")
 flags.DEFINE_enum("dataset", "mnist", DATASETS, "mnist and digits8 ship offline; cifar10 and imagenet2012 "
@@ -57,8 +58,7 @@ flags.DEFINE_enum("cost_credit", None, ["sampled", "exact"], "How the policy lea
                   "exactly per decision (the default for the absolute reward) or sampled with the quality "
                   "(REINFORCE, as FLIQS).")
 flags.DEFINE_enum("warmup_draws", "uniform", ["uniform", "high_first"], "The warm-up's format draws: uniform "
-                  "(as FLIQS) or the widest formats first, narrower ones added part by part (it helped a narrow "
-                  "ResNet and hurt a MobileNet whose budget keeps mostly INT2: see the README).")
+                  "(as FLIQS) or the widest formats first, narrower ones added part by part.")
 flags.DEFINE_float("policy_learning_rate", None, "Controller learning rate (default: set from the number of "
                    "steps, FliqsSearch's default; the paper's value is 5e-3).")
 flags.DEFINE_float("entropy_weight", 0.5, "Maximum of the entropy penalty.")
@@ -79,8 +79,12 @@ flags.DEFINE_string("strategy", "default", "default, mirrored (all local devices
 flags.DEFINE_string("tpu", None, "TPU address or name for --strategy=tpu.")
 flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into this many logical devices (to try --strategy="
                      "mirrored without accelerators).")
+flags.DEFINE_list("references", None, "Models trained beside the search on the same data, epochs and seed, to "
+                  "compare with: 'float' and uniform format names, or 'none'. Default: on the offline datasets, "
+                  "float and every format of the search space whose uniform cost is within the target's +10%; "
+                  "none on TFDS datasets.")
 flags.DEFINE_bool("export_tflite", True, "Write and verify the TFLite file.")
-flags.DEFINE_string("output_dir", "output/search", "Where the policy, models, logs and plot go.")
+flags.DEFINE_string("output_dir", "output/search", "Where the formats file, models, logs and plot go.")
 
 UNSUPPORTED_STRATEGIES = {
     "multi_worker_mirrored": "MultiWorkerMirroredStrategy is not offered: Keras 3's fit fails under it "
@@ -195,6 +199,7 @@ def main(argv):
 
     import fliqs_keras
     from fliqs_keras import cost, export, files, plots
+    from fliqs_keras.search import COST_TOLERANCE
 
     keras.utils.set_random_seed(FLAGS.seed)
     train, held, test, representative, input_shape, classes = _data()
@@ -211,26 +216,27 @@ def main(argv):
         freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, cost_credit=FLAGS.cost_credit,
         warmup_draws=FLAGS.warmup_draws, seed=FLAGS.seed,
         cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
-    callbacks = [search, keras.callbacks.TensorBoard(str(output / "logs"))]
-    if isinstance(train, tuple):
-        searchable.fit(*train, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, callbacks=callbacks)
-    else:
-        searchable.fit(train, epochs=FLAGS.epochs, callbacks=callbacks)
-
-    def test_accuracy():
-        if isinstance(test, tuple):
-            return float(searchable.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)
-                         ["accuracy"])
-        return float(searchable.evaluate(test, verbose=0, return_dict=True)["accuracy"])
-
-    accuracy_as_trained = accuracy = test_accuracy()
-    if FLAGS.bn_reestimation_examples > 0 and fliqs_keras.reestimate_batch_norm(
-            searchable, train[0] if isinstance(train, tuple) else train, batch_size=FLAGS.batch_size,
-            max_examples=FLAGS.bn_reestimation_examples):
-        accuracy = test_accuracy()
+    _fit(searchable, train, [search, keras.callbacks.TensorBoard(str(output / "logs"))])
+    accuracy_as_trained = _test_accuracy(searchable, test)
+    accuracy = _reestimated_accuracy(searchable, train, test, accuracy_as_trained)
 
     chosen = fliqs_keras.chosen_formats(searchable)
     costs = cost.CostModel(searchable, FLAGS.cost, FLAGS.cost_table)
+    sizes = cost.CostModel(searchable, "size")
+    budget = search.target * (1 + COST_TOLERANCE)
+    references = {}
+    for name in _reference_names(costs, budget):
+        print(f"Training the {_label(name)} reference ({FLAGS.epochs} epochs, same data and seed)...", flush=True)
+        keras.utils.set_random_seed(FLAGS.seed)
+        with strategy.scope():
+            model = _model(input_shape, classes)
+            if name != "float":
+                model = fliqs_keras.apply(model, name)
+            model.compile(keras.optimizers.Adam(FLAGS.learning_rate),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        _fit(model, train, [], verbose=0)
+        references[name] = {"cost": _uniform_cost(costs, name), "weight_bytes": _uniform_cost(sizes, name) / 8,
+                            "test_accuracy": _reestimated_accuracy(model, train, test)}
     results = {
         "model": FLAGS.model, "dataset": FLAGS.dataset, "search_space": FLAGS.search_space,
         "cost_metric": FLAGS.cost, "target": FLAGS.target, "target_cost": search.target,
@@ -245,7 +251,9 @@ def main(argv):
         "policy_learning_rate": search.policy_learning_rate,
         "formats_changed_by_budget": {name: {"argmax": a, "kept": k}
                                       for name, (a, k) in search.budget_changes.items()},
+        "references": references,
     }
+    results["verdict"] = verdict(results["cost"], accuracy, budget, references)
     export.save_formats_file(searchable, output / "formats.json")
     files.save_model(searchable, output / "searched.keras")
     files.save_model(export.fixed_model(searchable), output / "fixed.keras")
@@ -260,22 +268,109 @@ def main(argv):
             results["tflite_verified"], results["tflite_error"] = False, str(error).splitlines()[0]
         else:
             results["tflite_argmax_agreement"] = verification.argmax_agreement
-    plots.search_figure(search.history, chosen, costs, output / "search.png")
+    plots.search_figure(search.history, chosen, costs, output / "search.png", warmup_steps=search.step.warmup_steps,
+                        target=search.target, accuracy=accuracy,
+                        references={_label(n): (r["cost"], r["test_accuracy"]) for n, r in references.items()})
     files.write_text(output / "results.json", json.dumps(results, indent=2))
 
     # The tables are this script's output, so they go to stdout.
     print(cost.summary(searchable))
     print()
-    print(f"{'':24}{FLAGS.cost:>14}{'x target':>10}{'x int8':>8}{'weight bytes':>14}{'test acc':>10}")
-    print(f"{'searched policy':24}{results['cost']:>14.4g}{results['cost_ratio_to_target']:>10.3f}"
-          f"{results['cost'] / results['uniform_int8_cost']:>8.3f}{results['weight_bytes']:>14,.0f}"
-          f"{results['test_accuracy']:>10.4f}")
-    print(f"{'target (' + FLAGS.target + ')':24}{search.target:>14.4g}")
+    print(f"{'':28}{FLAGS.cost:>14}{'x target':>10}{'x int8':>8}{'weight bytes':>14}{'test acc':>10}")
+    rows = [(f"{_label(n)} (trained here)", r) for n, r in references.items()]
+    rows.append(("searched formats", {"cost": results["cost"], "weight_bytes": results["weight_bytes"],
+                                      "test_accuracy": accuracy}))
+    for label, row in rows:
+        print(f"{label:28}{row['cost']:>14.4g}{row['cost'] / search.target:>10.3f}"
+              f"{row['cost'] / results['uniform_int8_cost']:>8.3f}{row['weight_bytes']:>14,.0f}"
+              f"{row['test_accuracy']:>10.4f}")
+    print(f"{'target (' + FLAGS.target + ')':28}{search.target:>14.4g}")
+    print(f"verdict: {results['verdict']}")
     if verification is not None:
-        print(verification)
+        logging.info("%s", verification)
+        print(verification.summary())
     elif FLAGS.export_tflite:
         print(f"TFLITE NOT VERIFIED: {results['tflite_error']}")
     print(f"wrote {', '.join(sorted(p.name for p in output.iterdir()))} to {output}")
+
+
+def _fit(model, train, callbacks, verbose="auto"):
+    if isinstance(train, tuple):
+        model.fit(*train, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, callbacks=callbacks, verbose=verbose)
+    else:
+        model.fit(train, epochs=FLAGS.epochs, callbacks=callbacks, verbose=verbose)
+
+
+def _reestimated_accuracy(model, train, test, as_trained: float | None = None) -> float:
+    """Test accuracy after the batch norms' re-estimation (--bn_reestimation_examples), the same for every model."""
+    import fliqs_keras
+
+    if FLAGS.bn_reestimation_examples > 0 and fliqs_keras.reestimate_batch_norm(
+            model, train[0] if isinstance(train, tuple) else train, batch_size=FLAGS.batch_size,
+            max_examples=FLAGS.bn_reestimation_examples):
+        return _test_accuracy(model, test)
+    return _test_accuracy(model, test) if as_trained is None else as_trained
+
+
+def _test_accuracy(model, test) -> float:
+    if isinstance(test, tuple):
+        return float(model.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)["accuracy"])
+    return float(model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
+
+
+def _uniform_cost(costs, name: str) -> float:
+    """The cost of every searchable layer in `name` ('float': FP32); NaN where a cost table lacks it."""
+    try:
+        return costs.uniform("fp32" if name == "float" else name)
+    except (KeyError, ValueError):
+        return float("nan")
+
+
+def _label(name: str) -> str:
+    return "float" if name == "float" else f"uniform {name}"
+
+
+def _reference_names(costs, budget: float) -> list[str]:
+    """The references to train: those of --references, else float and the uniform formats within the budget."""
+    from fliqs_keras import formats
+
+    if FLAGS.references is not None:
+        names = [n.strip().lower() for n in FLAGS.references if n.strip()]
+        if names == ["none"]:
+            return []
+        for name in names:
+            if name != "float":
+                try:
+                    formats.get(name)
+                except ValueError as error:
+                    raise app.UsageError(f"--references: {error}") from None
+        return names
+    if FLAGS.dataset not in OFFLINE_DATASETS:
+        return []
+    offered = sorted({f.name for choices in costs.decisions.values() for f in choices}, key=costs.uniform)
+    return ["float"] + [name for name in offered if costs.uniform(name) <= budget]
+
+
+def verdict(cost: float, accuracy: float, budget: float, references: dict[str, dict[str, float]]) -> str:
+    """One line: the searched formats against the best uniform reference within `budget`, and against float."""
+    parts = []
+    if cost > budget:
+        parts.append(f"over budget: the searched formats cost {cost / budget:.2f}x the budget")
+    uniform = {n: r for n, r in references.items() if n != "float" and r["cost"] <= budget}
+    if uniform:
+        name, best = max(uniform.items(), key=lambda item: (item[1]["test_accuracy"], -item[1]["cost"]))
+        gap = 100 * (accuracy - best["test_accuracy"])
+        relation = "beat" if gap > 0 else "match" if gap == 0 else "trail"
+        parts.append(f"the searched formats {relation} uniform {name}, the most accurate uniform format within "
+                     f"the budget, by {abs(gap):.2f} points at {cost / best['cost']:.2f}x its cost")
+    elif references:
+        parts.append("no uniform reference fits the budget")
+    if "float" in references:
+        gap = 100 * (references["float"]["test_accuracy"] - accuracy)
+        parts.append(f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} float")
+    if not references:
+        parts.append("no references trained (--references)")
+    return "; ".join(parts) + "."
 
 
 def _number_or_text(value: str):

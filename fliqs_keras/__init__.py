@@ -1,20 +1,18 @@
-"""fliqs_keras: one-shot mixed-precision integer and floating-point quantization search for Keras 3.
+"""fliqs_keras: one-shot mixed-precision integer and floating-point format search (FLIQS) for Keras 3.
 
-`apply(model, search_space)` returns a searchable copy of a model: its
-convolution, dense and attention layers wrapped so that each quantizes its
-weights and inputs in the format currently chosen for it. The numerical base:
-`formats` (what a format is), `quantizers` (exact fake quantization) and
-`clipping` (per-format clip thresholds). `FliqsSearch` runs the search during
-`fit`; `export` writes the fixed model, the policy file and a verified TFLite file;
-`models` holds reference networks (ResNet-18/50, MobileNetV2, a small ViT,
-small digits models); `data` the offline digits and the TFDS pipelines;
-`plots` the figure of a search; `batch_norm` re-estimates the batch norms of
-the finished model.
+`apply` makes a searchable copy of a model, `FliqsSearch` searches its formats
+during `fit`, and `export` writes the result to a verified TFLite file. Where
+each part lives: docs/design.md.
 """
+
+import os
+
+# Before TensorFlow first loads (Keras imports it): its C++ start-up INFO and WARNING lines stay out of a user's
+# output; errors still show, and a value the user set wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fliqs_keras import (batch_norm, clipping, controller, cost, export, files, format_state, formats, formats_file,
                          graph, layers, models, quantizers, search, search_config, search_step, wrapping)
-from fliqs_keras.wrapping import apply, report, set_formats
 from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
 from fliqs_keras.search import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
@@ -22,6 +20,7 @@ from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, Quantiz
 from fliqs_keras.search_config import SearchConfig
 from fliqs_keras.search_model import SearchModel, chosen_formats, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
+from fliqs_keras.wrapping import apply, report, set_formats
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The one home of the current and the kept format of every decision.
 
 Layers read their format index from a `FormatState`; `policy`, `report`, the
-cost, the policy file and the export read the same state through them, and
+cost, the formats file and the export read the same state through them, and
 `set_formats` and the search step write it. A `SearchModel` owns one state for
 all its decisions; a wrapper used alone keeps a private one.
 """

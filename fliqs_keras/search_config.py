@@ -2,7 +2,7 @@
 
 `FliqsSearch` builds a `SearchConfig` from its keyword arguments (or takes
 one); the search step reads it and nothing changes it. The `.keras` file and
-the policy file store it with the model.
+the formats file store it with the model.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from fliqs_keras.graph import is_graph_model, walk_layers
 from fliqs_keras.search_model import SearchModel, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
 
-_NO_QUANTIZED_OP = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
@@ -96,8 +94,10 @@ def _check_model(model: Any):
 def _skip_reason(layer: keras.layers.Layer) -> str:
     if isinstance(layer, keras.Model):
         return "nested model: its layers are listed under it"
-    if isinstance(layer, _NO_QUANTIZED_OP):
-        return "normalization: no quantized op (batch norm folds into the preceding layer at export)"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return "batch norm: no op of its own to quantize (it folds into the preceding layer at export)"
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return "layer norm: statistics of its input, not a product with weights; it runs in float"
     if not layer.weights:
         return "no weights to quantize"
     return (f"unsupported layer type {type(layer).__name__}; supported: "
@@ -219,10 +219,10 @@ def _copy_weights(source: keras.Model, target: keras.Model):
 
 
 def set_formats(model: keras.Model, choice: Any):
-    """Sets the current format of decisions: one format for all, ``{decision: format}``, or a policy file.
+    """Sets the current format of decisions: one format for all, ``{decision: format}``, or a loaded formats file.
 
     The layers then compute in these formats, and `policy`, `report`, the cost,
-    the policy file and the export read them.
+    the formats file and the export read them.
 
     Args:
         model: a model made by `apply` (or one holding searchable layers).

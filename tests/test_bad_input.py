@@ -139,7 +139,7 @@ def _policy(tmp_path):
     return model, export.save_formats_file(model, tmp_path / "formats.json")
 
 
-def test_policy_files_that_are_garbage_or_contradict_themselves_are_errors(tmp_path):
+def test_formats_files_that_are_garbage_or_contradict_themselves_are_errors(tmp_path):
     model, policy = _policy(tmp_path)
     garbage = tmp_path / "garbage.json"
     garbage.write_bytes(bytes(range(256)))

@@ -1,5 +1,6 @@
 """The example scripts run end to end on the offline data."""
 
+import importlib.util
 import json
 import math
 import os
@@ -60,8 +61,20 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     assert results["policy_learning_rate"] == fliqs_keras.search_config.policy_learning_rate(72)  # 96 steps, 24 warm
     assert set(results["policy_entropy_nats"]) == set(results["formats"])
     assert all(0 < h <= math.log(3) + 1e-6 for h in results["unsettled_decisions_nats"].values())
-    # The per-layer table and the cost/accuracy table are printed.
-    assert "stage2_block1_2_conv" in result.stdout and "searched policy" in result.stdout
+    # The references within the budget (uniform INT4 costs 0.25 of INT8; INT8 and E4M3 do not fit) and float.
+    assert list(results["references"]) == ["float", "int4"], results["references"]
+    assert results["references"]["int4"]["cost"] == results["uniform_int8_cost"] * 0.25
+    assert all(0 < r["test_accuracy"] <= 1 for r in results["references"].values())
+    assert "uniform int4" in results["verdict"] and "float" in results["verdict"]
+    # The per-layer table, the cost/accuracy table with its references, the verdict and one export summary.
+    for line in ("stage2_block1_2_conv", "float (trained here)", "uniform int4 (trained here)", "searched formats",
+                 f"verdict: {results['verdict']}"):
+        assert line in result.stdout, line
+    assert result.stdout.count("argmax agreement") == 1
+    # Nothing of TensorFlow's or LiteRT's own output.
+    for noise in ("XNNPACK", "Running Calibration", "experimental_preserve_all_tensors", "Assets written",
+                  "saved_model", "fingerprint"):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 @pytest.mark.slow
@@ -97,3 +110,21 @@ def test_search_script_refuses_nothing_to_train_and_an_output_under_a_file(tmp_p
     (tmp_path / "file").write_text("x")
     result = _search(tmp_path / "file" / "out")
     assert result.returncode != 0 and "is a file, not a folder" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_verdict_names_the_best_uniform_format_within_the_budget_and_float():
+    spec = importlib.util.spec_from_file_location("search_script", ROOT / "examples" / "search.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    references = {"float": {"cost": 64.0, "test_accuracy": 0.95}, "int2": {"cost": 0.5, "test_accuracy": 0.80},
+                  "int4": {"cost": 1.0, "test_accuracy": 0.90}, "int8": {"cost": 4.0, "test_accuracy": 0.94}}
+    line = script.verdict(1.05, 0.92, 1.1, references)
+    assert line == ("the searched formats beat uniform int4, the most accurate uniform format within the budget, "
+                    "by 2.00 points at 1.05x its cost; 3.00 points below float.")
+    line = script.verdict(2.2, 0.85, 1.1, references)
+    assert line.startswith("over budget: the searched formats cost 2.00x the budget; the searched formats trail "
+                           "uniform int4") and "by 5.00 points" in line
+    assert script.verdict(1.0, 0.9, 0.4, references) == ("over budget: the searched formats cost 2.50x the budget; "
+                                                         "no uniform reference fits the budget; 5.00 points below "
+                                                         "float.")
+    assert script.verdict(1.0, 0.9, 1.1, {}) == "no references trained (--references)."

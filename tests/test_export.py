@@ -1,4 +1,4 @@
-"""Export on the 5,000 real MNIST digits: fixed model, policy file, TFLite, annotations."""
+"""Export on the 5,000 real MNIST digits: fixed model, formats file, TFLite, annotations."""
 
 import json
 import os
@@ -224,7 +224,7 @@ def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_pat
     assert "1 of" in check.failures["fliqs/conv2/kernel"]
 
 
-def test_policy_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_path):
+def test_formats_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_path):
     model, _, _ = trained
     _set(model, {"conv1": "int8", "depthwise": "int4", "conv2": "int4", "dense1": "e4m3", "logits": "int8"})
     path = tmp_path / "formats.json"
@@ -242,7 +242,7 @@ def test_policy_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_pat
         "truncated": (text[: len(text) // 2], "not valid JSON"),
         "corrupt": ("\x00garbage{", "not valid JSON"),
         "version": (text.replace('"version": 1', '"version": 7'), "version 7"),
-        "kind": (json.dumps({"decisions": {}}), "not a fliqs_keras policy"),
+        "kind": (json.dumps({"decisions": {}}), "not a fliqs_keras formats file"),
         "format": (text.replace('"e4m3"', '"e9m9"', 1), "e9m9"),
         "scale": (json.dumps({**loaded, "layers": {**loaded["layers"], "conv2": {
             **loaded["layers"]["conv2"], "weight_scales": {"kernel": [-1.0]}}}}), "conv2"),
@@ -317,7 +317,7 @@ def test_legalization_maps_each_format_to_what_tflite_runs(layer_type, weight, a
     assert "layer" in legalize.report([plan])
 
 
-def test_export_script_applies_a_policy_file_and_writes_everything(trained, tmp_path):
+def test_export_script_applies_a_formats_file_and_writes_everything(trained, tmp_path):
     model, _, (x_test, _) = trained
     _set(model, "int8")
     model.save(tmp_path / "searched.keras")
@@ -327,7 +327,7 @@ def test_export_script_applies_a_policy_file_and_writes_everything(trained, tmp_
     root = pathlib.Path(__file__).resolve().parent.parent
     run = subprocess.run(
         [sys.executable, str(root / "examples" / "export.py"), f"--model={tmp_path / 'searched.keras'}",
-         f"--policy={tmp_path / 'mixed.json'}", f"--representative_data={tmp_path / 'inputs.npy'}",
+         f"--formats_file={tmp_path / 'mixed.json'}", f"--representative_data={tmp_path / 'inputs.npy'}",
          f"--output={tmp_path / 'out'}", "--verify_samples=200"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -341,6 +341,6 @@ def test_export_script_applies_a_policy_file_and_writes_everything(trained, tmp_
     bad.write_text(json.dumps({**written, "decisions": {**written["decisions"], "extra": "int8"}}))
     run = subprocess.run(
         [sys.executable, str(root / "examples" / "export.py"), f"--model={tmp_path / 'searched.keras'}",
-         f"--policy={bad}", f"--representative_data={tmp_path / 'inputs.npy'}", f"--output={tmp_path / 'bad'}"],
+         f"--formats_file={bad}", f"--representative_data={tmp_path / 'inputs.npy'}", f"--output={tmp_path / 'bad'}"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode != 0 and "extra" in run.stderr

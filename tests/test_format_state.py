@@ -1,4 +1,4 @@
-"""One home for the formats: the layers, policy(), report(), the cost, the policy file and the export agree."""
+"""One home for the formats: the layers, chosen_formats(), report(), the cost, the formats file and the export agree."""
 
 import keras
 import numpy as np
@@ -31,7 +31,7 @@ def _layers_hold(model):
     return {name: fmt.name for w in fliqs_keras.searchable_layers(model) for name, fmt in w.current_formats().items()}
 
 
-def test_set_formats_reaches_the_layers_policy_report_cost_and_policy_file():
+def test_set_formats_reaches_the_layers_report_cost_and_formats_file():
     model, _ = _trained()
     fliqs_keras.set_formats(model, "int8")
     everywhere_int8 = {"conv1": "int8", "logits": "int8"}
@@ -46,7 +46,7 @@ def test_set_formats_reaches_the_layers_policy_report_cost_and_policy_file():
     assert fliqs_keras.chosen_formats(model) == _layers_hold(model) == {"conv1": "int8", "logits": "int4"}
 
 
-def test_a_loaded_policy_file_applies_to_the_searchable_model(tmp_path):
+def test_a_loaded_formats_file_applies_to_the_searchable_model(tmp_path):
     model, x = _trained()
     fliqs_keras.set_formats(model, {"conv1": "int4", "logits": "int8"})
     written = export.save_formats_file(model, tmp_path / "formats.json")

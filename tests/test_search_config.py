@@ -47,7 +47,7 @@ def test_the_config_is_frozen_validated_and_round_trips_as_a_dict():
         fliqs_keras.FliqsSearch(config, beta=2.0)
 
 
-def test_the_search_stores_its_config_in_the_keras_file_and_the_policy_file(tmp_path):
+def test_the_search_stores_its_config_in_the_keras_file_and_the_formats_file(tmp_path):
     model = _searchable()
     config = SearchConfig(target="int4", quality="loss", warmup=0.5, seed=3, learning_rate=0.02)
     search = fliqs_keras.FliqsSearch(config)

@@ -30,6 +30,7 @@ from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
 from fliqs_keras.export.legalize import LayerPlan
 from fliqs_keras.formats_file import build_formats_file, check_matches, load_formats_file, save_formats_file
+from fliqs_keras.quiet import quiet
 from fliqs_keras.search_model import SearchModel
 
 
@@ -54,6 +55,20 @@ class Verification:
                 f"max |difference| {self.max_abs_difference:.4g}; {len(self.annotations.checked)} annotated "
                 f"tensors, {'all exact' if self.annotations.ok else 'FAILING: ' + str(self.annotations.failures)}"
                 f"\n{legalize.report(self.layers)}")
+
+    def summary(self) -> str:
+        """Two lines: the file and its agreement, and how many layers run in integer kernels and in float."""
+        size = pathlib.Path(self.path).stat().st_size if pathlib.Path(self.path).exists() else 0
+        integer = sum(p.activation_bits is not None for p in self.layers)
+        dequantized = sum(p.weight_bits is not None and p.activation_bits is None for p in self.layers)
+        in_float = len(self.layers) - integer - dequantized
+        annotated = len(self.annotations.checked)
+        return (f"TFLite {self.path} ({size:,} bytes): argmax agreement {self.argmax_agreement:.4f} with Keras on "
+                f"{self.samples} inputs, {annotated} annotated weight tensors "
+                f"{'exact' if self.annotations.ok else 'NOT exact'}\n"
+                f"  {integer} quantized layers run integer kernels, {dequantized} dequantize integer weights to "
+                f"float, {in_float} run in float (formats TFLite has no kernel for); str(verification) has the "
+                "per-layer table")
 
 
 def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data: Any, *,
@@ -82,12 +97,10 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
     record = build_formats_file(model)
     _check_range(examples, model, record)
     plans = legalize.plan(record)
-    for plan in plans:
-        for note in plan.notes:
-            logging.info("fliqs_keras.export: %s: %s", plan.layer, note)
     exported, kernels = float_model(model, saturate=_saturation(plans, record))
-    float_tflite = tflite.convert(exported)
-    content, named, plans = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
+    with quiet():
+        float_tflite = tflite.convert(exported)
+        content, named, plans = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
     annotated = {f"fliqs/{p.layer}/kernel": annotations.annotation(
         p.layer, kernels[p.layer].fmt, kernels[p.layer].scale, _tflite_channel_axis(exported, p.layer))
         for p in plans if p.annotated and p.layer in kernels}
@@ -95,10 +108,11 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
                                                  annotations.ANNOTATION_METADATA: annotated})
     files.write_bytes(path, content)
     check = verify_annotations(content)
-    agreement, difference = _compare(model, content, examples[:verify_samples])
+    with quiet():
+        agreement, difference = _compare(model, content, examples[:verify_samples])
     result = Verification(str(path), min(len(examples), verify_samples), agreement, difference, plans, check,
                           _weight_bytes(content, named))
-    logging.info("fliqs_keras.export: %s", result)
+    logging.debug("fliqs_keras.export: %s", result)
     if not check.ok:
         raise ExportVerificationError(f"Annotated tensors of {path} are not exact: {check.failures}")
     if agreement < min_agreement:
