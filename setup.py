@@ -30,8 +30,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["fliqs_keras", "fliqs_keras.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "keras>=3.15,<4",
         "ml-dtypes>=0.5",
@@ -48,7 +49,8 @@ setup(
         "benchmarks": ["hgq2>=0.2,<0.3", "mlxtend>=0.23", "matplotlib>=3.8", "scikit-learn>=1.4"],
         "test": ["pytest>=8", "jax>=0.10", "mlxtend>=0.23", "matplotlib>=3.8", "scikit-learn>=1.4",
                  "tensorflow-datasets>=4.9,<5", "importlib_resources>=6", "ai-edge-quantizer>=0.10,<0.11",
-                 "ai-edge-litert>=2.3,<2.4"],
+                 "ai-edge-litert>=2.3,<2.4", "sphinx>=8"],
+        "docs": ["sphinx>=8"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

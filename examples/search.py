@@ -9,8 +9,11 @@
 It trains the model with the FLIQS search (`fliqs_keras.FliqsSearch`, Keras
 progress bar), re-estimates the batch norms' statistics in the chosen
 formats (`fliqs_keras.reestimate_batch_norm`; --bn_reestimation_examples=0
-keeps those averaged over the search), prints the chosen format of every
-layer with its cost, and the cost/accuracy table, and writes to --output_dir:
+keeps those averaged over the search), trains the references (--references:
+float and the uniform formats within the budget, on the same data), prints the
+chosen format of every layer with its cost, the cost/accuracy table beside the
+references with a one-line verdict, and the export's summary, and writes to
+--output_dir:
 
 * ``formats.json``: the chosen formats (`fliqs_keras.export.save_formats_file`);
 * ``searched.keras``: the searchable model in its chosen formats (reload it

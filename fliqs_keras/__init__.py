@@ -7,9 +7,11 @@ each part lives: docs/design.md.
 
 import os
 
-# Before TensorFlow first loads (Keras imports it): its C++ start-up INFO and WARNING lines stay out of a user's
-# output; errors still show, and a value the user set wins.
+# Before TensorFlow first loads (Keras imports it); a value the user set wins. Its C++ INFO and WARNING lines stay
+# out of a user's output (errors still show), and oneDNN's custom CPU ops, which change float round-off (and print
+# a notice saying so), stay off: the exactness of the quantizers is tested without them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from fliqs_keras import (batch_norm, clipping, controller, cost, export, files, format_state, formats, formats_file,
                          graph, layers, models, quantizers, search, search_config, search_step, wrapping)

@@ -1,16 +1,8 @@
 """Batch-norm re-estimation: moving statistics measured on the model as it will run.
 
-A batch norm's moving mean and variance are averaged over training steps, so
-after a FLIQS search they mix every format the step drew, and after low-bit
-QAT they mix the weights' last oscillations between levels; neither is the
-distribution the chosen formats produce. A 2-bit quantizer behind the batch
-norm turns that small shift into different levels. `reestimate` replaces them
-with the statistics of the finished model's inputs to each batch norm, in
-inference mode (chosen formats, trained clips, earlier batch norms already
-re-estimated), from a few thousand training examples. It changes no trained
-weight and takes no gradient step: the one-shot search still needs no
-retraining, and it is a common final step of one-shot architecture searches
-and of low-bit QAT.
+After a search the moving statistics mix every format drawn; `reestimate`
+replaces them with those of the finished model, in its chosen formats,
+without changing a weight.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
-"""The most probable policy within a cost limit: what `FliqsSearch(max_cost_ratio=...)` keeps.
+"""The most probable formats within a cost limit: what `FliqsSearch(max_cost_ratio=...)` keeps.
 
-The reward pulls the policy's *expected* cost to the target, but the search
-ends on the argmax of independent per-decision distributions, and the argmax
-of a policy that has not settled can cost far more than its expectation (1.7x
-the target in 440-step searches of `benchmarks/pareto.py`). A user who set a
-budget wants a model within it, so this finds the policy of highest
-log-probability whose cost is at most a limit:
-
-1. from the argmax, while over the limit, take the single change of one
-   decision that gives up the least log-probability per unit of cost saved;
-2. then, while it raises the log-probability and stays within the limit,
-   take the best change of one decision or of two decisions at once (two at
-   once trades a cheaper choice in one layer for a dearer one in another,
-   which no single change can do under a tight limit).
-
-It is a local search (the exact problem is a multiple-choice knapsack, and
-costs such as BOPs with shared decisions are not even separable), so the
-result is the best policy among its neighbours, not always the most probable
-one overall. Costs are evaluated for a batch of candidate policies at once.
+A local search from the argmax over single and paired changes of decisions;
+the reasoning is in docs/design.md.
 """
 
 from __future__ import annotations
@@ -30,7 +14,7 @@ CostFunction = Callable[[np.ndarray], np.ndarray]
 
 
 def _neighbours(current: np.ndarray, valid: np.ndarray, pairs: bool) -> np.ndarray:
-    """Every policy one decision (and, with `pairs`, two decisions) away from `current`, [N, decisions]."""
+    """Every assignment one decision (and, with `pairs`, two decisions) away from `current`, [N, decisions]."""
     decision, choice = np.nonzero(valid)
     keep = choice != current[decision]
     decision, choice = decision[keep], choice[keep]
@@ -48,7 +32,7 @@ def _neighbours(current: np.ndarray, valid: np.ndarray, pairs: bool) -> np.ndarr
 
 def most_probable_within(log_probabilities: np.ndarray, valid: np.ndarray, cost_of: CostFunction,
                          limit: float) -> np.ndarray:
-    """A policy of high log-probability whose cost is at most `limit` (see the module docstring).
+    """An assignment of formats of high log-probability whose cost is at most `limit`.
 
     Args:
         log_probabilities: [decisions, max choices] log-probability of each choice.
@@ -60,7 +44,7 @@ def most_probable_within(log_probabilities: np.ndarray, valid: np.ndarray, cost_
         [decisions] int32 choice indices: the argmax when it is within the limit.
 
     Raises:
-        ValueError: when no policy reachable by cheaper changes is within the limit.
+        ValueError: when no assignment reachable by cheaper changes is within the limit.
     """
     log_p = np.where(valid, np.asarray(log_probabilities, np.float64), -np.inf)
     current = np.argmax(log_p, axis=-1).astype(np.int32)
@@ -76,7 +60,7 @@ def most_probable_within(log_probabilities: np.ndarray, valid: np.ndarray, cost_
         lost = score(current[None])[0] - score(candidates)
         ratio = np.where(saving > 0, lost / np.where(saving > 0, saving, 1.0), np.inf)
         if not len(ratio) or not np.isfinite(ratio).any():
-            raise ValueError(f"No policy costs at most {limit:.6g}: the cheapest reachable costs {cost:.6g}.")
+            raise ValueError(f"No assignment of formats costs at most {limit:.6g}: the cheapest reachable costs {cost:.6g}.")
         best = int(np.argmin(ratio))
         current, cost = candidates[best], float(costs[best])
     while True:

@@ -1,26 +1,8 @@
 """Clip thresholds per (tensor, format): switchable clipping.
 
-INT4 and E5M2 want very different clips for the same tensor: a 4-bit integer
-grid spends its few levels best on a range well inside the outliers, while a
-float grid with a wide exponent range loses little by keeping them. So a clip
-is chosen per format, and a searchable layer keeps a table of clips with one
-row per format, selected together with the format (the idea of AdaBits'
-switchable clipping, as FLIQS uses it).
-
-Calibrators (each returns a clip: a scalar, or one value per channel along
-`axis`):
-
-* ``"max"``: max |x|.
-* ``"percentile"``: the `q`-th percentile of |x| (default 99.99).
-* ``"mse"``: the fraction of max |x| (searched over `fractions`, 0.1 to 1.0 by
-  default, as in the FLIQS public code) whose fake quantization in the given
-  format has the least squared error. Max clipping is among the candidates,
-  so the MSE clip is never worse than it.
-
-Activations change with the weights, so their clips are kept as running
-statistics: `update_running` folds one batch's calibration into the row of the
-format that was active for that batch, an exponential moving average that
-starts from the first observation.
+Calibrators ``"max"``, ``"percentile"`` and ``"mse"`` give a clip per tensor or
+per channel; `update_running` keeps an activation's clips as running
+statistics, one row per format.
 """
 
 from __future__ import annotations
@@ -55,12 +37,12 @@ def _shape_result(values, axis: int | None):
 
 
 def max_abs(x, axis: int | None = None):
-    """max |x| over the tensor, or per channel along `axis`."""
+    """max ``|x|`` over the tensor, or per channel along `axis`."""
     return _shape_result(ops.max(_channels_last(x, axis), axis=0), axis)
 
 
 def percentile(x, axis: int | None = None, q: float = DEFAULT_PERCENTILE):
-    """The `q`-th percentile (0 < q <= 100) of |x|, per tensor or per channel."""
+    """The `q`-th percentile (0 < q <= 100) of ``|x|``, per tensor or per channel."""
     if not 0 < q <= 100:
         raise ValueError(f"percentile q must be in (0, 100], got {q}.")
     return _shape_result(ops.quantile(_channels_last(x, axis), q / 100.0, axis=0), axis)
@@ -74,7 +56,7 @@ def _check_fractions(fractions) -> np.ndarray:
 
 
 def mse_fraction(x, fmt: Any, axis: int | None = None, fractions=DEFAULT_FRACTIONS):
-    """The fraction of max |x| whose clip quantizes `x` in `fmt` with least squared error.
+    """The fraction of max ``|x|`` whose clip quantizes `x` in `fmt` with least squared error.
 
     All candidates are evaluated in one batched quantization ([fractions,
     elements, channels]), so calibration is one fused kernel per tensor shape.

@@ -1,24 +1,8 @@
-"""The policy that learns the formats: categorical logits per decision, REINFORCE.
+"""The policy that learns the formats: categorical logits per decision, trained by REINFORCE.
 
-The controller knows nothing of Keras layers: it sees decisions (each with a
-number of choices), a reward per step, and the step number. Its state lives
-in Keras variables (logits, the reward baseline, Adam's moments), so that it is saved with the model and restored
-by `BackupAndRestore`.
-
-* Policy: an independent softmax per decision over its valid choices; the
-  logits start equal (uniform).
-* Sampling: Gumbel-max with noise drawn from a stateless generator seeded by
-  (seed, step). Every replica of a distributed step, every call inside a
-  multi-step execution and every rerun draws the same formats for the same
-  step, with no Python in between.
-* Update: REINFORCE with an exponential-moving-average baseline, on the
-  analytic gradient of ``-(R - b) log pi(a) + w_H(t) H(pi)``, by Adam
-  (TuNAS defaults: beta1 = 0, beta2 = 0.999, eps = 1e-8). A part of the
-  reward that is a known function of the formats (the cost term) can instead
-  be credited exactly, decision by decision (`policy_gradient`). The entropy weight
-  `w_H` follows a schedule that is zero until the warm-up ends and grows to its
-  maximum at the end of training, so that the policy settles on one choice.
-  A non-finite reward skips the update and leaves every state untouched.
+It knows decisions, rewards and steps, not layers; its state lives in Keras
+variables so that it is saved with the model. Sampling is seeded by (seed,
+step), so every replica and every rerun draws the same formats.
 """
 
 from __future__ import annotations
@@ -207,6 +191,7 @@ class Controller(keras.layers.Layer):
         return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
 
     def log_probability(self, indices):
+        """The log-probability of `indices` (one choice per decision) under the policy."""
         log_p = self.log_probabilities()
         return ops.sum(ops.take_along_axis(log_p, ops.expand_dims(indices, -1), axis=-1))
 

@@ -1,23 +1,8 @@
 """What a searchable model costs in a given assignment of formats.
 
-Cost knows shapes and bits, not training. For every searchable layer it counts,
-from the built shapes of the model's graph:
-
-* MACs: for a kernel layer, the kernel's size times the output positions it
-  slides over (Conv1D, Conv2D, DepthwiseConv2D, Dense, EinsumDense); for
-  MultiHeadAttention, its four projections plus its two attention matmuls
-  (scores and weighted sum). A layer called several times counts every call.
-* BOPs = MACs x bits_w x bits_a, where a float format counts its total width.
-  The attention matmuls multiply two activations, which stay in float32 here
-  (only the projections are quantized), so they count 32 x 32 whatever the
-  layer's format: a constant part of the cost that the search cannot move.
-* model size = quantized weight parameters x bits_w.
-* a table cost: any per-(layer, format) number (latency, energy) read from a
-  JSON file ``{layer path: {format name: cost}}``.
-
-`CostModel` holds these as arrays, so that the controller can evaluate the cost
-of sampled choices inside a compiled step; `bops`, `size_bits` and `summary`
-are the convenient front doors.
+MACs and parameters per searchable layer from the model's built shapes; BOPs
+(MACs x bits_w x bits_a), weight size, or a per-(layer, format) table.
+`CostModel` holds them as arrays for the compiled step.
 """
 
 from __future__ import annotations
@@ -207,6 +192,7 @@ class CostModel:
 
     def layer_cost(self, entry: LayerCost, weight: formats.Format | None,
                    activation: formats.Format | None) -> float:
+        """The cost of one layer with its weights in `weight` and its inputs in `activation` (None: float)."""
         if self.metric == "bops":
             return entry.macs * bits(weight) * bits(activation) + entry.fixed_bops
         if self.metric == "size":

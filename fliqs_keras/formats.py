@@ -1,30 +1,8 @@
 """Number formats: what a name such as "int4", "e4m3" or "bf16" means.
 
-Formats are small frozen dataclasses: hashable, comparable, and cheap to pass
-around as dictionary keys (a clip threshold is kept per (tensor, format)). They
-hold facts about the numbers (width, range, resolution) and nothing about
-tensors; the arithmetic lives in `quantizers`.
-
-Every format is also described by a `Grid` of four numbers, the form in which
-the quantizer receives it as a tensor, so that one compiled graph serves every
-format. An integer format is the fixed-point special case of the float grid: a
-float whose exponent never leaves its minimum.
-
-Naming follows what the hardware world means by a name:
-
-* ``e4m3`` is OCP FP8 E4M3 (finite, NaN only at S.1111.111, max 448), as
-  `ml_dtypes.float8_e4m3fn`; the IEEE-like E4M3 (max 240, as
-  `ml_dtypes.float8_e4m3`) is ``e4m3_ieee``.
-* ``e5m2`` (max 57344), ``e3m4`` (max 15.5), ``fp16``, ``bf16`` and ``fp32`` are
-  IEEE-like: the top exponent is reserved for inf and NaN.
-* ``e2m3``, ``e3m2`` (FP6) and ``e2m1`` (FP4) are the OCP MX formats: every code
-  is a finite number (max 7.5, 28 and 6).
-* Any other split ``eXmY`` (``e2m5`` among them) follows the MX rule: finite,
-  every code a number. Append ``_ieee``, ``_fn`` or ``_finite`` to pick
-  another flavour explicitly.
-* ``intN`` is signed and symmetric (levels -(2^(N-1)-1) ... 2^(N-1)-1),
-  ``uintN`` unsigned (0 ... 2^N-1); the suffix ``_per_channel`` asks
-  calibrators for one clip per output channel.
+Formats are small frozen dataclasses holding facts about the numbers (width,
+range, resolution), each also described by a four-number `Grid`; the
+arithmetic lives in `quantizers`. Naming rules: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -81,6 +59,7 @@ class IntFormat:
 
     @property
     def name(self) -> str:
+        """The canonical name, e.g. ``int4`` or ``uint8``."""
         base = f"{'' if self.signed else 'u'}int{self.bits}"
         return base + ("_per_channel" if self.per_channel else "")
 
@@ -91,6 +70,7 @@ class IntFormat:
 
     @property
     def min_value(self) -> float:
+        """The smallest representable value."""
         return -self.max_value if self.signed else 0.0
 
     @property
@@ -100,6 +80,7 @@ class IntFormat:
 
     @property
     def grid(self) -> Grid:
+        """The format as the quantizer's four-number `Grid`."""
         return Grid(self.min_value, self.max_value, self.bits, self.bits)
 
     def __str__(self) -> str:
@@ -147,14 +128,17 @@ class FloatFormat:
 
     @property
     def bits(self) -> int:
+        """Total width: sign, exponent and mantissa bits."""
         return 1 + self.exponent_bits + self.mantissa_bits
 
     @property
     def bias(self) -> int:
+        """The exponent bias."""
         return 2 ** (self.exponent_bits - 1) - 1
 
     @property
     def name(self) -> str:
+        """The canonical name, e.g. ``e4m3`` or ``bf16``."""
         split = f"e{self.exponent_bits}m{self.mantissa_bits}"
         special = _SPECIAL_NAMES.get((self.exponent_bits, self.mantissa_bits, self.flavour))
         if special:
@@ -165,34 +149,41 @@ class FloatFormat:
 
     @property
     def max_exponent(self) -> int:
+        """The largest unbiased exponent of a finite value."""
         top = 2**self.exponent_bits - 1
         return (top - 1 if self.flavour == "ieee" else top) - self.bias
 
     @property
     def max_value(self) -> float:
         # "fn" gives up the all-ones mantissa of the top exponent to NaN.
+        """The largest finite value."""
         lost = 2 if self.flavour == "fn" else 1
         mantissa = 2.0 - lost * 2.0**-self.mantissa_bits
         return float(mantissa * 2.0**self.max_exponent)
 
     @property
     def min_value(self) -> float:
+        """The most negative finite value."""
         return -self.max_value
 
     @property
     def min_exponent(self) -> int:
+        """The unbiased exponent of the smallest normal value."""
         return 1 - self.bias
 
     @property
     def smallest_normal(self) -> float:
+        """The smallest positive normal value."""
         return float(2.0**self.min_exponent)
 
     @property
     def smallest_subnormal(self) -> float:
+        """The smallest positive subnormal value."""
         return float(2.0 ** (self.min_exponent - self.mantissa_bits))
 
     @property
     def grid(self) -> Grid:
+        """The format as the quantizer's four-number `Grid`."""
         return Grid(self.min_value, self.max_value, self.mantissa_bits, self.min_exponent)
 
     @property

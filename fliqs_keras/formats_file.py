@@ -1,11 +1,7 @@
-"""The formats file: a searched model's chosen formats as versioned JSON.
+"""The formats file: a searched model's chosen formats, scales and clips as versioned JSON.
 
-One file says, for every decision, the chosen format (and, after a search,
-the search's settings), and for every quantized layer its weight and input formats, the per-channel weight scales and input
-clip it was trained with, its MACs, BOPs and weight bytes. It is what
-`export` writes beside a model and what a later export (or another tool)
-reads back. `load_formats_file` checks the schema and names what is wrong, so a
-corrupt, truncated, stale or newer file is an error, never a silent default.
+`load_formats_file` checks the schema and names what is wrong, so a corrupt,
+truncated or other-version file is an error, never a silent default.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
 """Searchable quantized layers: QuantizeConfigs and the wrappers that apply them.
 
-A `QuantizeConfig` says which weights of a layer are quantized (by attribute
-path, with the axis where its output channels start) and whether its inputs
-are; it has the shape of tfmot's QuantizeConfig, for Keras 3. A wrapper holds
-the layer, its format choices and its state:
-
-* the current choice of each decision, read inside the compiled step from a
-  `FormatState` (the SearchModel's; a private one for a wrapper used alone):
-  switching format is an assignment, never a retrace, and only one quantizer
-  runs whatever the number of choices (single path);
-* switchable clipping: per (weight, format) one clip fraction per output
-  channel, calibrated by MSE (`calibrate_weights`), times the channel's
-  current max |w|; per (input, format) a running clip, the MSE-optimal clip of
-  a slice of each training batch averaged over steps, updated only for the
-  format that was active. Inputs that have never been negative are quantized
-  on the unsigned grid of an integer format (post-ReLU activations keep all
-  their levels), as an asymmetric TFLite int8 tensor with zero point -128 does.
-
-The quantized kernels reach the wrapped layer through `keras.StatelessScope`,
-so the layer's own `call` runs unchanged on them.
+A wrapper quantizes its layer's weights (per output channel) and inputs (per
+tensor) in the format its decision currently holds in a `FormatState`, with a
+clip per format; switching formats never retraces.
 """
 
 from __future__ import annotations
@@ -74,6 +58,7 @@ class QuantizeConfig:
         return result
 
     def channels(self, path: str, shape: Sequence[int]) -> int:
+        """How many per-channel scales the weight at `path` of this `shape` has (1: per tensor)."""
         if not self.per_channel_weights:
             return 1
         return int(np.prod(shape[self.weights[path] % len(shape):]))
@@ -145,6 +130,7 @@ class FrozenInput:
 
     @property
     def grid(self) -> formats.Grid:
+        """The input's format as the quantizer's `Grid`, on the signed or unsigned side it trained."""
         return self.fmt.grid if self.signed else _nonnegative_grid(self.fmt)
 
 
@@ -489,5 +475,6 @@ def wrap(layer: keras.layers.Layer, weight_formats, activation_formats=None, **k
 
 
 def is_searchable(layer: Any) -> bool:
+    """Whether `layer` is a searchable wrapper."""
     return isinstance(layer, _SearchableWrapper)
 

@@ -1,33 +1,8 @@
 """Fake quantization (quantize, then dequantize) with a straight-through gradient.
 
-Design constraint: ONE graph serves every format. A format reaches the
-arithmetic as a `Grid` tensor of four numbers (low, high, mantissa bits,
-minimum exponent), never as a Python branch, so a compiled training step can
-switch a layer from INT4 to E5M2 by changing a tensor: no retracing, and only
-one quantizer is ever evaluated. Integer formats are the fixed-point case of
-the same grid (see `formats.Grid`).
-
-The rounding is exact: the exponent of each value is read from its float32
-bits and the value is scaled by exact powers of two, so the result equals a
-round-to-nearest-even cast (`ml_dtypes`) bit for bit, with subnormals, and
-saturates at the format's max instead of overflowing to inf or NaN.
-
-Conventions:
-* ``clip`` is the real value that maps to the format's largest value:
-  ``scale = clip / fmt.max_value``. ``clip=None`` is unit scale. Where that
-  scale falls below float32's smallest normal (bf16 or fp32 with a small clip)
-  it is floored there; values still saturate at the clip.
-* Values beyond the clip saturate; their gradient is zero. Inside the clip the
-  gradient passes unchanged (straight-through estimator). No gradient reaches
-  the clip: clips are calibrated (see `clipping`), not trained.
-* NaN propagates (NaN in, NaN out) so that a broken batch shows in the loss
-  instead of being hidden as a number; +-inf saturates to +-clip.
-* A clip given as a Python or NumPy number must be finite and > 0 (else
-  ValueError). A clip tensor is floored at `MIN_CLIP`, so an all-zero tensor,
-  whose calibrated clip is 0, quantizes to zeros instead of NaN.
-* Computation runs in float32 and the result is cast back to the input dtype.
-  TensorFlow's CPU kernels flush float32 subnormals (below 2**-126) to zero;
-  bf16's subnormals lie that low, so those values are rounded on their bits.
+One graph serves every format: a format reaches the arithmetic as a `Grid`
+tensor, never as a Python branch. Rounding equals the `ml_dtypes` casts bit for
+bit, subnormals included, and saturates at the format's max.
 """
 
 from __future__ import annotations

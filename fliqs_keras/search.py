@@ -1,64 +1,8 @@
-"""`FliqsSearch`: the Keras callback that turns `model.fit` into a one-shot format search.
+"""`FliqsSearch`: the Keras callback that runs a one-shot format search during `model.fit`.
 
-    searchable = fliqs_keras.apply(model, ["int2", "int4", "int8"])
-    searchable.compile(optimizer, loss, metrics=["accuracy"])
-    searchable.fit(train, epochs=10, callbacks=[
-        fliqs_keras.FliqsSearch(cost="bops", target="int4", validation_data=held_out)])
-    fliqs_keras.chosen_formats(searchable)   # {"conv1": "int8", "conv2": "int4", ...}
-
-It builds a `search_step.SearchStep` from its frozen `SearchConfig` when
-training begins and installs it in the model; the callback itself does the
-Keras lifecycle, the budget at the freeze and the logging. Each step:
-
-1. draws one choice per decision from the policy with noise seeded by
-   (seed, step) — uniformly during the warm-up — and makes it current in
-   every layer (single path: one format per layer per step); with
-   ``warmup_draws="high_first"`` the warm-up draws the widest formats first;
-2. trains the shared weights in those formats (the model's own train step);
-3. measures the quality Q of the same formats: accuracy on a slice of the
-   held-out data (default, TuNAS-style) or minus the loss on the training
-   batch (``quality="loss"``, no held-out data needed), and the cost C;
-4. after the warm-up, updates the policy with the reward (`controller.reward`)
-   and the entropy penalty of the schedule.
-
-With ``cost_credit="exact"`` (the default for additive rewards) the cost term
-of the reward is not sampled with the quality: the cost is a known function of
-the formats, so each step also costs the sample with each decision set to each
-of its choices (the others as drawn), and the controller credits every
-decision with its exact share of the cost term (`controller.policy_gradient`);
-REINFORCE then carries only the quality's noise. ``"sampled"`` is REINFORCE
-on the whole reward, as FLIQS does.
-
-With ``freeze_at < 1`` the search ends early: from that fraction of the steps
-on, every step trains the argmax formats and the policy no longer learns, so
-the chosen formats get the rest of the run to themselves (still one run, no
-retraining). The entropy penalty then reaches its maximum at the freeze step.
-The logs' ``searching`` turns 0 there; with the held-out accuracy as the
-quality its pass is skipped from then on, and ``quality`` and ``reward`` log
-as NaN (not measured).
-
-With ``max_cost_ratio`` set, the formats frozen (at `freeze_at`, else at the
-end) are not the argmax but the most probable policy found within that
-multiple of the target (`budget`): the argmax of a policy that has not
-settled can cost far more than the expected cost the reward steered. The
-model's format state keeps them (`FormatState.keep`), so `policy`, the policy file and
-the export agree with what the model trained and evaluates in.
-
-A step whose training loss or updated state (weights, batch-norm statistics,
-clips) is not finite is undone (every variable it changed restored, on one
-replica) and gives the policy no update: a NaN in the inputs can leave the
-loss finite (max pooling drops it) and still poison the weights or the
-batch norms' moving statistics.
-
-No Python runs between steps, so `steps_per_execution > 1`, `tf.distribute`
-(every replica draws the same formats) and TPUs work. The reward, cost ratio,
-expected cost ratio and mean policy entropy appear in the Keras logs. At the
-end the chosen formats (the argmax, or the budget's) are frozen into the
-layers: the model then evaluates in them with the trained weights, no
-retraining. A policy that ends more than 10% off the target is reported in a
-warning: one that names the unsettled decisions, or, for a settled policy,
-one that says the reward traded cost for quality (and in `unsettled` and
-`final_cost_ratio`).
+It builds the compiled `search_step.SearchStep` from its `SearchConfig`,
+installs it in the model, keeps a budget at the freeze, logs, and freezes the
+chosen formats at the end. How a step works: docs/design.md.
 """
 
 from __future__ import annotations
@@ -79,7 +23,7 @@ from fliqs_keras.search_step import SearchStep
 
 # A decision with more entropy than this at the end has not chosen (0.1 nats: ~98% on one choice of 4).
 SETTLED_NATS = 0.1
-# How far the argmax policy's cost may land from the target before the end of the search says so.
+# How far the argmax formats' cost may land from the target before the end of the search says so.
 COST_TOLERANCE = 0.1
 
 
@@ -112,7 +56,7 @@ def _held_out_arrays(validation_data: Any, limit: int):
 
 
 class FliqsSearch(keras.callbacks.Callback):
-    """Runs the FLIQS one-shot search during `fit` (see the module docstring).
+    """Runs the FLIQS one-shot search during `fit` (docs/search.md).
 
     Takes a `SearchConfig`, or its settings as keyword arguments (below), and
     the data and logging arguments.
@@ -146,13 +90,13 @@ class FliqsSearch(keras.callbacks.Callback):
             above `warmup`.
         max_cost_ratio: if set, the formats kept at the freeze (or at the end)
             cost at most this times the target: the argmax when it does, else
-            the most probable policy `budget` finds within it. None (the
+            the most probable formats `budget` finds within it. None (the
             default): the argmax, as FLIQS. With ``steps_per_execution=k``
             and a freeze, the budget's formats take over at the first
             execution that starts at or after the freeze step (up to k - 1
             steps train the argmax first).
         cost_credit: ``"exact"`` (the cost term credited to each decision
-            exactly; see the module docstring; needs an additive reward,
+            exactly, docs/search.md; needs an additive reward,
             ``"absolute"`` or ``"one_sided"``) or ``"sampled"`` (REINFORCE on
             the whole reward, as FLIQS). None (default): ``"exact"`` for an
             additive reward, else ``"sampled"``.
@@ -210,6 +154,7 @@ class FliqsSearch(keras.callbacks.Callback):
     # --- set-up -----------------------------------------------------------------------
 
     def set_model(self, model):
+        """Keeps the model Keras trains; a model not made by `fliqs_keras.apply` is an error."""
         if not isinstance(model, SearchModel):
             raise ValueError(
                 f"FliqsSearch needs a model made by fliqs_keras.apply, got {type(model).__name__} "
@@ -224,7 +169,7 @@ class FliqsSearch(keras.callbacks.Callback):
             if self.cost_limit < cheapest:
                 raise ValueError(
                     f"max_cost_ratio={config.max_cost_ratio:g} allows at most {self.cost_limit:.6g} "
-                    f"({config.cost}), below the cheapest policy of the search space ({cheapest:.6g}).")
+                    f"({config.cost}), below the cheapest formats of the search space ({cheapest:.6g}).")
         if config.quality == "accuracy":
             x, y = _held_out_arrays(self.validation_data, config.held_out_size)
             try:
@@ -292,8 +237,8 @@ class FliqsSearch(keras.callbacks.Callback):
                                for n, a, k in zip(names, argmax, kept) if a != k}
         if self.budget_changes:
             argmax_cost = float(keras.ops.convert_to_numpy(self.costs.graph_cost(argmax, names)))
-            logging.info("FliqsSearch: the argmax policy costs %.3f of the target, over max_cost_ratio=%g; kept "
-                         "the most probable policy found within it instead, which changes %s.",
+            logging.info("FliqsSearch: the argmax formats cost %.3f of the target, over max_cost_ratio=%g; kept "
+                         "the most probable formats found within it instead, which changes %s.",
                          argmax_cost / self.target, self.config.max_cost_ratio,
                          ", ".join(f"{n}: {a} -> {k}" for n, (a, k) in self.budget_changes.items()))
 
@@ -355,7 +300,7 @@ class FliqsSearch(keras.callbacks.Callback):
         self.final_cost_ratio = final / self.target
         entropy = keras.ops.convert_to_numpy(model.controller.entropy())
         self.unsettled = {name: float(h) for name, h in zip(model.decision_names, entropy) if h > SETTLED_NATS}
-        logging.info("FliqsSearch: final policy %s, cost %.4g (%.3f of the target)", chosen, final,
+        logging.info("FliqsSearch: chosen formats %s, cost %.4g (%.3f of the target)", chosen, final,
                      self.final_cost_ratio)
         off_target = (self.final_cost_ratio > 1 + COST_TOLERANCE
                       or self.config.reward == "absolute" and self.final_cost_ratio < 1 - COST_TOLERANCE)

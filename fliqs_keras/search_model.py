@@ -1,14 +1,7 @@
-"""The searchable model: a Functional model that owns the policy and can run the search step.
+"""The searchable model: a Functional model that owns the format state and the controller.
 
-`apply` returns a `SearchModel`. Without a `FliqsSearch` callback it trains
-like any Keras model, in the formats its layers currently hold (fixed-format
-QAT). With one, each training step also draws the formats, trains in them and
-updates the policy, all inside the compiled step (see `callback`).
-
-The model owns one `FormatState` (the current and kept format of every
-decision, which its layers read) and the controller; both are sub-layers, so
-`.keras` files, `ModelCheckpoint` and `BackupAndRestore` save them with the
-rest of the model.
+Without `FliqsSearch` it trains in the formats its layers hold (fixed-format
+QAT); with it, each compiled training step also runs the search step.
 """
 
 from __future__ import annotations

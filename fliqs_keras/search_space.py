@@ -1,28 +1,8 @@
 """Which layers are searched, with which format choices, in which decisions.
 
-A `SearchSpace` is an ordered set of rules. Each rule maps layers to choices:
-
-* a list of formats: the layer is searched over them;
-* one format: the layer is fixed to it (quantization-aware training);
-* ``None`` or ``"float"``: the layer is left in float.
-
-A rule's key says which layers it matches: ``"*"`` matches every supported
-layer (a supported layer that no rule matches stays in float, and the report
-says so); a Keras class name (``"Dense"``, ``"DepthwiseConv2D"``) matches layers
-of that type; anything else is a regular expression that must match the whole
-layer name. The most specific rule wins: a name rule over a type rule over
-``"*"``; among name rules, the first that matches. With
-``separate_activations=True`` a value may also be ``{"weights": ...,
-"activations": ...}``.
-
-Decisions say which layers share one sampled choice: ``"layer"`` (default:
-each layer decides alone), ``"global"`` (one decision for the whole model), or
-a dict ``{group_name: regex}`` whose matching layers share the group's
-decision. Layers that share a decision must have the same choices.
-
-The compact form used by scripts and configs is the rule dict itself::
-
-    SearchSpace.get({"*": ["int4", "int8", "e4m3"], "conv1": "int8", "logits": None})
+A `SearchSpace` is an ordered set of rules from a layer name, a Keras class
+name or ``"*"`` to a list of formats (searched), one format (fixed) or None
+(float). Rules and decisions: docs/search_space.md.
 """
 
 from __future__ import annotations
@@ -52,15 +32,19 @@ class Choices:
 
     @property
     def is_float(self) -> bool:
+        """Whether the layer is left in float (no weight or input formats)."""
         return not self.weights and not self.activations
 
     @property
     def fixed(self) -> bool:
+        """Whether every decision has a single choice (fixed-format QAT)."""
         return len(self.weights) <= 1 and len(self.activations) <= 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One rule of a search space: its key, what the key matches, and its choices."""
+
     key: str
     kind: str  # "default", "type" or "name"
     choices: Choices
@@ -127,7 +111,7 @@ def _choices_of(value: Any, where: str, separate: bool) -> Choices:
 
 @keras.saving.register_keras_serializable(package="fliqs_keras")
 class SearchSpace:
-    """Rules that give every layer its format choices (see the module docstring).
+    """Rules that give every layer its format choices.
 
     Args:
         rules: ``{key: value}`` in priority order for name rules, or a list

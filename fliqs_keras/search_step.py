@@ -1,12 +1,7 @@
-"""The search's training step: a function of the model's state and a frozen `SearchConfig`.
+"""The search's compiled training step: a function of the model's state and a frozen `SearchConfig`.
 
-`FliqsSearch` builds a `SearchStep` when training begins and installs it in
-the model (`SearchModel.start_search`); the model's `train_step` calls it.
-Each call draws one choice per decision (uniformly during the warm-up, the
-kept or argmax formats once frozen), trains the shared weights in them,
-undoes a step whose loss or state is not finite, scores the formats (held-out
-accuracy or minus the batch loss) against their cost, and updates the policy.
-No Python runs between steps: it traces into the compiled step.
+Draws the formats, trains in them, undoes a non-finite step, scores quality
+against cost and updates the policy, with no Python between steps.
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ def _draw_order(model: SearchModel) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SearchStep:
-    """The compiled search step of one `fit` (see the module docstring).
+    """The compiled search step of one `fit`.
 
     Args:
         model: the searchable model.

@@ -1,10 +1,7 @@
-"""`apply(model, search_space)`: the searchable copy of a Keras model, and its report.
+"""`apply(model, search_space)`: the searchable copy of a Keras model, its report, and `set_formats`.
 
-The model is cloned (Sequential and Functional models, nested ones included);
-every layer the search space assigns formats to is wrapped, every other layer
-is copied as it is, and the weights carry over, so the original model is left
-untouched. The report says, for every layer, whether it was wrapped (with its
-choices and decisions) or not, and why.
+The model is cloned with its weights, every layer the search space names is
+wrapped, and the report says for every layer what happened and why.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ class Report:
         raise KeyError(f"No layer {path!r} in the report; layers: {[e.path for e in self.layers]}.")
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-serialisable values."""
         return {"layers": [dataclasses.asdict(e) for e in self.layers], "warnings": list(self.warnings)}
 
     def __str__(self) -> str:
@@ -221,17 +219,17 @@ def _copy_weights(source: keras.Model, target: keras.Model):
 def set_formats(model: keras.Model, choice: Any):
     """Sets the current format of decisions: one format for all, ``{decision: format}``, or a loaded formats file.
 
-    The layers then compute in these formats, and `policy`, `report`, the cost,
+    The layers then compute in these formats, and `chosen_formats`, `report`, the cost,
     the formats file and the export read them.
 
     Args:
         model: a model made by `apply` (or one holding searchable layers).
         choice: a format for every decision, ``{decision: format}`` for some,
-            or a policy as `export.load_formats_file` returns it (its decisions).
+            or a formats file as `export.load_formats_file` returns it.
 
     Raises:
         ValueError: naming the decision when a format is not among its
-            choices, for unknown decisions, or for a policy written for
+            choices, for unknown decisions, or for a formats file written for
             another model.
     """
     wrappers = searchable_layers(model)

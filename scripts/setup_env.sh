@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))'; then
-  echo "fliqs_keras needs Python 3.10 to 3.13 (TensorFlow 2.21); $PYTHON is $("$PYTHON" --version 2>&1)." >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))'; then
+  echo "fliqs_keras needs Python 3.11 to 3.13 (the pinned NumPy 2.4 and TensorFlow 2.21); $PYTHON is $("$PYTHON" --version 2>&1)." >&2
   echo "Set PYTHON=/path/to/python3.x and run again." >&2
   exit 1
 fi

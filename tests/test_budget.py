@@ -71,5 +71,5 @@ def test_an_impossible_limit_names_the_cheapest_cost():
     def cost_of(policies):
         return 1.0 + np.asarray(policies).sum(axis=-1)
 
-    with pytest.raises(ValueError, match=r"No policy costs at most 0.5: the cheapest reachable costs 1"):
+    with pytest.raises(ValueError, match=r"No assignment of formats costs at most 0.5: the cheapest reachable costs 1"):
         budget.most_probable_within(log_p, np.ones((2, 2), bool), cost_of, 0.5)

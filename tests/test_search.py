@@ -121,7 +121,7 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     assert fliqs_keras.chosen_formats(keras.models.load_model(tmp_path / "kept.keras")) == chosen
     with pytest.raises(ValueError, match="max_cost_ratio must be a number > 0"):
         fliqs_keras.FliqsSearch(quality="loss", max_cost_ratio=0.0)
-    with pytest.raises(ValueError, match=r"max_cost_ratio=0.1 allows at most .* below the cheapest policy"):
+    with pytest.raises(ValueError, match=r"max_cost_ratio=0.1 allows at most .* below the cheapest formats"):
         model.fit(x[:64], y[:64], epochs=1, verbose=0,
                   callbacks=[fliqs_keras.FliqsSearch(quality="loss", max_cost_ratio=0.1)])
 

@@ -221,3 +221,18 @@ def test_keras_file_round_trip_mid_training_keeps_every_state(tmp_path):
         [sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(tmp_path / "expected.npy")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_report_keeps_its_columns_apart_and_says_what_a_norm_is():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.LayerNormalization(name="ln")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="a_pool_with_a_long_name_indeed")(x)
+    outputs = keras.layers.Dense(2, name="logits")(x)
+    report = fliqs_keras.report(fliqs_keras.apply(keras.Model(inputs, outputs), ["int4", "int8"]))
+    lines = {line.split()[0]: line for line in str(report).splitlines()[1:]}
+    # Every column is set off by at least two spaces, whatever the longest path and type.
+    assert "a_pool_with_a_long_name_indeed  GlobalAveragePooling2D  skipped" in lines["a_pool_with_a_long_name_indeed"]
+    assert "batch norm" in report["bn"].reason and "folds into the preceding layer" in report["bn"].reason
+    assert "layer norm" in report["ln"].reason and "batch norm" not in report["ln"].reason

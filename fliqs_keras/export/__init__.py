@@ -1,17 +1,7 @@
-"""Export a searched (or fixed-format) model: the fixed Keras model, the formats file, and TFLite.
+"""Export a searched model: the fixed Keras model, the formats file, and a verified TFLite file.
 
-    fixed = fliqs_keras.export.fixed_model(searched)       # no wrappers, chosen formats frozen
-    fliqs_keras.export.save_formats_file(searched, "formats.json")
-    result = fliqs_keras.export.to_tflite(searched, "model.tflite", representative_x)
-    result.argmax_agreement, result.layers                   # agreement with Keras, legalization
-
-`to_tflite` writes a file that runs the chosen formats for real (see `tflite`
-and `legalize`), carries the formats file and the format annotations in its
-metadata (`annotations`), and checks itself: it runs in the LiteRT
-interpreter on a sample of the representative inputs and compares with the
-Keras model in its chosen formats. Below `min_agreement` it raises
-`ExportVerificationError` with the numbers (the file stays written, for
-inspection).
+`to_tflite` writes the file and checks it against the Keras model in the
+LiteRT interpreter; `ExportVerificationError` says by how much it disagrees.
 """
 
 from __future__ import annotations
@@ -224,6 +214,6 @@ def _weight_bytes(content: bytes, named: dict[str, int]) -> dict[str, int]:
 
 __all__ = [
     "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
-    "build_formats_file", "check_matches", "fixed_model", "float_model", "load_formats_file", "save_formats_file", "to_tflite",
-    "verify_annotations",
+    "build_formats_file", "check_matches", "fixed_model", "float_model", "load_formats_file", "save_formats_file",
+    "to_tflite", "verify_annotations",
 ]

@@ -1,13 +1,8 @@
-"""Format annotations in a TFLite file, and the check that the tensors honour them.
+"""Format annotations in a TFLite file's metadata, and the check that the tensors honour them.
 
-TFLite cannot execute FP8 (nor FP6, FP4, BF16 weights, nor integer weights
-wider than 8 bits). Such a layer's kernel is stored in float32 as exactly its
-trained values, ``code * scale`` with one scale per channel, and annotated:
-the file's metadata ``fliqs_annotations`` maps the tensor name to the layer,
-the format, the channel axis and the scales. `verify_annotations` checks, for
-every annotated tensor, that each value is a code of its format times its
-channel's scale, bit for bit in float32. The formats file itself goes in the
-metadata ``fliqs_formats``.
+A kernel whose format TFLite cannot run is stored as its exact trained
+values, annotated with its format and scales; `verify_annotations` checks them
+bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ class AnnotationCheck:
 
     @property
     def ok(self) -> bool:
+        """Whether every annotated tensor honours its format."""
         return not self.failures
 
 
@@ -93,6 +89,7 @@ def _model(tflite: bytes | str | pathlib.Path):
 
 
 def annotation(layer: str, fmt: formats.Format, scale: np.ndarray, channel_axis: int) -> dict[str, Any]:
+    """The metadata entry of one annotated kernel: its layer, format, channel axis and scales."""
     return {"layer": layer, "format": fmt.name, "channel_axis": channel_axis,
             "scale": [float(s) for s in np.asarray(scale, np.float32)]}
 
@@ -120,7 +117,7 @@ def check_tensor(values: np.ndarray, entry: dict[str, Any]) -> str | None:
 
 
 def verify_annotations(tflite: bytes | str | pathlib.Path) -> AnnotationCheck:
-    """Checks every annotated tensor of a TFLite file (see the module docstring).
+    """Checks every annotated tensor of a TFLite file.
 
     Metadata that is missing or does not parse fails the check: nothing
     checked is never reported as exact.

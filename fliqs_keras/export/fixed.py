@@ -1,21 +1,8 @@
 """The searched model with its chosen formats frozen into Keras layers, without wrappers.
 
-Two models come out of a searchable one, both without wrappers:
-
-- `fixed_model`: each quantized layer holds its weights already quantized
-  (values ``codes * scale``) and, where its inputs were quantized, sits in an
-  `InputQuantizer` that rounds its inputs onto the chosen format at the
-  trained clip. It computes what the searchable model computes in its chosen
-  formats, and saves and loads as ``.keras``; loading needs
-  ``import fliqs_keras`` (for `InputQuantizer`), since no built-in Keras
-  layer rounds onto a format.
-- `float_model`: the same weights and no input rounding, with every batch
-  normalization that directly follows a quantized layer folded into that
-  layer. This is what goes to the TFLite converter. The fold is done here,
-  not by the converter, so that the folded kernel is exactly
-  ``codes * folded_scale`` in float32 for known per-channel scales: integer
-  layers then get back exactly their trained integers, and floating-point
-  layers exactly representable values.
+`fixed_model` holds quantized weights and rounds the quantized layers' inputs
+(`InputQuantizer`); `float_model` folds batch norms into the quantized layers
+before them, for the converter.
 """
 
 from __future__ import annotations
@@ -237,7 +224,7 @@ def _quantized_values(wrapper) -> list[np.ndarray]:
 
 
 def fixed_model(model: keras.Model) -> keras.Model:
-    """The searchable `model` in its current formats without wrappers (see the module docstring).
+    """The searchable `model` in its current formats without wrappers.
 
     Raises ValueError for a model without searchable layers, or a layer whose
     current input format never trained (no clip).

@@ -1,30 +1,8 @@
 """Which TFLite treatment each layer's chosen formats get, and why.
 
-TFLite kernels run INT8 and INT4 weights (INT4 packed two per byte) with INT8
-or INT16 activations, and float. Every other format is mapped to the nearest
-thing that runs, and each mapping is reported:
-
-- INT2 and INT3 weights are stored as INT4, INT5 to INT7 as INT8.
-  Depthwise convolutions have no INT4 kernel: their INT2 to INT4 weights
-  are stored as INT8; so are INT2 and INT3 weights whose inputs are INT2 or
-  INT3 (see below). Narrower codes are stored times the largest integer
-  that keeps them in range (`weight_widening`: x7 for INT2 in INT4), at the
-  trained scale divided by it: the weights are unchanged, and the int32
-  bias, whose step is the input step times the weight step, is that much
-  finer (at INT2 x INT2 it would otherwise round a folded batch norm's
-  shift by up to a third of an input level).
-- Weights wider than 8 bits, and floating-point weights (FP8, FP6, FP4,
-  BF16, FP16), are stored as float32 values that are exactly the trained
-  ones, annotated with their format and scale (`annotations`); their op
-  computes in float.
-- Integer inputs of 8 bits or fewer run as INT8, 9 to 16 bits as INT16;
-  narrower inputs keep their trained step in the INT8 tensor, whose range
-  reaches past their clip, so a float MINIMUM (and MAXIMUM) before the op
-  saturates them at the clip as in training.
-  Floating-point inputs run in float32. An op with integer weights and float
-  inputs dequantizes its weights and computes in float.
-- Layers TFLite does not run in integers here (EinsumDense, attention) keep
-  their exactly quantized weights in float32.
+TFLite runs INT8 and INT4 weights with INT8 or INT16 activations, and float;
+every other format maps to the nearest thing that runs, and `LayerPlan.notes`
+say how. The full table: docs/export.md.
 """
 
 from __future__ import annotations
@@ -53,6 +31,7 @@ class LayerPlan:
 
     @property
     def tflite(self) -> str:
+        """What the file stores for the layer, as the report prints it."""
         weights = f"int{self.weight_bits}" if self.weight_bits else "float32"
         inputs = f"int{self.activation_bits}" if self.activation_bits else "float32"
         return f"weights {weights}, inputs {inputs}"

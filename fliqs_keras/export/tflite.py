@@ -1,19 +1,8 @@
 """From the float export model to a mixed-precision TFLite flatbuffer.
 
-1. The float model (BN folded, weights already quantized) is converted at
-   batch size 1 through a SavedModel (`model.export` + `from_saved_model`;
-   `from_concrete_functions` silently loses Keras 3 weights).
-2. Every convolution and fully connected op is matched to its Keras layer by
-   its weights (the exported kernel's values are known exactly), and its
-   output tensor and weight tensor are renamed ``fliqs/<layer>`` and
-   ``fliqs/<layer>/kernel``: recipe rules then match one op each, whatever
-   names the converter made up.
-3. The LiteRT quantizer (`ai-edge-quantizer`) quantizes op by op with one
-   recipe rule per layer (`legalize.LayerPlan`). Its calibration gives the
-   ranges of tensors the search did not quantize; the trained ones replace
-   them: each weight's per-channel range is ``qmax * scale`` (the quantizer
-   then divides by exactly that scale, and gets back the trained integers),
-   and each quantized input's range makes TFLite's grid the trained one.
+Converts through a SavedModel, names each quantized layer's ops, and quantizes
+them op by op with the LiteRT quantizer, the trained scales and clips in
+place of its own ranges.
 """
 
 from __future__ import annotations
@@ -52,6 +41,7 @@ def convert(model) -> bytes:
 
 
 def builtin_code(model_t, op) -> int:
+    """The builtin operator code of `op` in a flatbuffer model."""
     code = model_t.operatorCodes[op.opcodeIndex]
     return max(code.builtinCode, code.deprecatedBuiltinCode)
 

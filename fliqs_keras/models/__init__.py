@@ -1,14 +1,7 @@
-"""Reference models, plain Keras 3 Functional models usable with or without `fliqs_keras.apply`.
+"""Reference models: plain Keras 3 Functional models that classify with logits.
 
-    from fliqs_keras import models
-    models.resnet18((32, 32, 3), classes=10, stem="cifar", width=0.5)
-    models.resnet50()                       # the stride in the 3x3 convolution, as the FLIQS paper counts
-    models.mobilenet_v2((28, 28, 1), classes=10, width=0.5, small_input=True)
-    models.vit((32, 32, 3), classes=10, patch=4, width=64, depth=4, heads=4)
-    models.digits_resnet()                  # the Pareto benchmark's models for 28x28 digits
-    models.digits_mobilenet()
-
-All classify with logits (no softmax).
+ResNet-18/50, MobileNetV2, a small ViT and the digits models, usable with or
+without `fliqs_keras.apply`.
 """
 
 from fliqs_keras.models.digits import digits_mobilenet, digits_resnet, small_cnn

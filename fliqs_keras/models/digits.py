@@ -1,14 +1,7 @@
 """Small models for the offline digits (28x28 MNIST, 8x8 scikit-learn digits).
 
-`digits_resnet` and `digits_mobilenet` are the benchmark models: their
-layers differ in cost and in sensitivity, so there is room for a
-mixed-precision policy to beat a uniform one. In `digits_resnet` the stem (one
-input channel), the 1x1 projections and the classifier are cheap and
-sensitive, and the 3x3 convolutions of the two residual blocks carry nearly all
-the MACs. In `digits_mobilenet` the depthwise convolutions (9 MACs per output,
-one input channel each) are cheap and sensitive and the 1x1 expansions and
-projections carry most of the MACs, as in MobileNetV2. `small_cnn` is the
-two-convolution CNN of the tests, where uniform INT4 already matches INT8.
+`digits_resnet` and `digits_mobilenet` are the benchmark models, with cheap
+sensitive layers beside costly ones; `small_cnn` is the tests' two-layer CNN.
 """
 
 from __future__ import annotations

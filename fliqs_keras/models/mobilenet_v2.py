@@ -1,9 +1,5 @@
-"""MobileNetV2 as a plain Keras Functional model, with a width multiplier and a small-input option.
+"""MobileNetV2 as a plain Keras Functional model, with a width multiplier.
 
-The layer plan is the paper's (Sandler et al. 2018): a 3x3 stem, seventeen
-inverted-residual blocks (expansion 1x1, depthwise 3x3, linear projection
-1x1), a 1x1 convolution to 1280 channels and the classifier. At 224x224 and
-width 1.0 it has the 300 MMACs the FLIQS paper counts (77.0 GBOPs in BF16).
 ``small_input=True`` drops the strides of the stem and the second stage, for
 28x28 or 32x32 images.
 """
@@ -42,7 +38,7 @@ def _inverted_residual(x, expansion, channels, stride, name):
 
 def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 1.0,
                  small_input: bool = False) -> keras.Model:
-    """MobileNetV2 (see the module docstring); the classifier outputs logits."""
+    """MobileNetV2; the classifier outputs logits."""
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}.")
     inputs = keras.Input(input_shape, name="image")

@@ -1,11 +1,7 @@
 """ResNet-18 and ResNet-50 as plain Keras Functional models.
 
-Two stems: ``"imagenet"`` (7x7 convolution with stride 2, then a 3x3 max
-pool) and ``"cifar"`` (one 3x3 convolution, no pool) for small images. The
-bottleneck blocks of ResNet-50 put the stride in the 3x3 convolution (the
-"v1.5" variant the FLIQS paper counts: 4.09 GMACs at 224x224), unless
-``stride_in_1x1=True`` (Keras's `keras.applications.ResNet50`: 3.86 GMACs).
-`width` multiplies every layer's channels.
+An ImageNet stem or a CIFAR stem for small images; ResNet-50 puts the stride
+in the 3x3 convolution (the variant FLIQS counts) unless ``stride_in_1x1``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class ClassTokenAndPosition(keras.layers.Layer):
 
 def vit(input_shape=(224, 224, 3), classes: int = 1000, patch: int = 16, width: int = 192, depth: int = 12,
         heads: int = 3, mlp_ratio: int = 4) -> keras.Model:
-    """A ViT (see the module docstring); the classifier outputs logits."""
+    """A ViT; the classifier outputs logits."""
     if input_shape[0] % patch or input_shape[1] % patch:
         raise ValueError(f"Image size {input_shape[:2]} is not a multiple of the patch size {patch}.")
     if width % heads:

@@ -1,0 +1,1 @@
+"""fliqs_keras's benchmarks: one command each, results (JSON, PNG, Markdown) in benchmarks/results/."""
