@@ -212,7 +212,7 @@ def main(argv):
         searchable = fliqs_keras.apply(_model(input_shape, classes), _search_space())
         searchable.compile(keras.optimizers.Adam(FLAGS.learning_rate),
                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    logging.info("%s", fliqs_keras.report(searchable))
+    logging.debug("%s", fliqs_keras.report(searchable))
     search = fliqs_keras.FliqsSearch(
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
         learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
@@ -290,7 +290,7 @@ def main(argv):
     print(f"{'target (' + FLAGS.target + ')':28}{search.target:>14.4g}")
     print(f"verdict: {results['verdict']}")
     if verification is not None:
-        logging.info("%s", verification)
+        logging.debug("%s", verification)
         print(verification.summary())
     elif FLAGS.export_tflite:
         print(f"TFLITE NOT VERIFIED: {results['tflite_error']}")

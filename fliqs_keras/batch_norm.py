@@ -88,7 +88,7 @@ def reestimate(model: keras.Model, data: Any, batch_size: int = 256, max_example
             layer.moving_mean.assign(mean)
             layer.moving_variance.assign(variance)
         raise
-    logging.info("Re-estimated %d batch norms of %r on %d examples.", len(norms), model.name, count)
+    logging.debug("Re-estimated %d batch norms of %r on %d examples.", len(norms), model.name, count)
     return len(norms)
 
 
