@@ -53,9 +53,10 @@ class Verification:
         dequantized = sum(p.weight_bits is not None and p.activation_bits is None for p in self.layers)
         in_float = len(self.layers) - integer - dequantized
         annotated = len(self.annotations.checked)
+        checked = (f"{annotated} annotated weight tensors {'exact' if self.annotations.ok else 'NOT exact'}"
+                   if annotated else "no annotated weight tensors")
         return (f"TFLite {self.path} ({size:,} bytes): argmax agreement {self.argmax_agreement:.4f} with Keras on "
-                f"{self.samples} inputs, {annotated} annotated weight tensors "
-                f"{'exact' if self.annotations.ok else 'NOT exact'}\n"
+                f"{self.samples} inputs, {checked}\n"
                 f"  {integer} quantized layers run integer kernels, {dequantized} dequantize integer weights to "
                 f"float, {in_float} run in float (formats TFLite has no kernel for); str(verification) has the "
                 "per-layer table")
