@@ -116,7 +116,7 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     assert search.budget_changes == {n: ("int8", f) for n, f in chosen.items() if f != "int8"}
     assert seen[6:] == [chosen, chosen]  # the kept formats train from the freeze (step 6 of 8) on
     assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
-    assert any("kept the most probable policy found within it" in r.getMessage() for r in caplog.records)
+    assert any("kept the most probable formats found within it" in r.getMessage() for r in caplog.records)
     model.save(tmp_path / "kept.keras")
     assert fliqs_keras.chosen_formats(keras.models.load_model(tmp_path / "kept.keras")) == chosen
     with pytest.raises(ValueError, match="max_cost_ratio must be a number > 0"):
