@@ -234,7 +234,7 @@ def main(argv):
         with strategy.scope():
             model = _model(input_shape, classes)
             if name != "float":
-                model = fliqs_keras.apply(model, name)
+                model = fliqs_keras.apply(model, _uniform_space(searchable, name))
             model.compile(keras.optimizers.Adam(FLAGS.learning_rate),
                           keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         _fit(model, train, [], verbose=0)
@@ -319,6 +319,16 @@ def _test_accuracy(model, test) -> float:
     if isinstance(test, tuple):
         return float(model.evaluate(*test, batch_size=FLAGS.batch_size, verbose=0, return_dict=True)["accuracy"])
     return float(model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
+
+
+def _uniform_space(searchable, name: str) -> dict[str, str]:
+    """`name` for every layer the search quantized, float for the rest: the model `CostModel.uniform` costs."""
+    import re
+
+    import fliqs_keras
+
+    return {re.escape(entry.path.split("/")[-1]): name for entry in fliqs_keras.report(searchable).layers
+            if entry.status in ("searched", "fixed")}
 
 
 def _uniform_cost(costs, name: str) -> float:

@@ -1,5 +1,6 @@
 """The example scripts run end to end on the offline data."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -112,10 +113,24 @@ def test_search_script_refuses_nothing_to_train_and_an_output_under_a_file(tmp_p
     assert result.returncode != 0 and "is a file, not a folder" in result.stderr, result.stderr[-2000:]
 
 
-def test_the_verdict_names_the_best_uniform_format_within_the_budget_and_float():
+@functools.cache
+def _script():
+    # Once per process: the script defines its absl flags when it loads.
     spec = importlib.util.spec_from_file_location("search_script", ROOT / "examples" / "search.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_a_uniform_reference_quantizes_what_the_search_quantized_and_costs_what_the_cost_model_says():
+    searched = fliqs_keras.apply(fliqs_keras.models.digits_resnet(), {"*": ["int2", "int4"], "logits": None})
+    reference = fliqs_keras.apply(fliqs_keras.models.digits_resnet(), _script()._uniform_space(searched, "int4"))
+    assert fliqs_keras.report(reference)["logits"].status == "float"
+    assert fliqs_keras.cost.bops(reference) == fliqs_keras.cost.CostModel(searched).uniform("int4")
+
+
+def test_the_verdict_names_the_best_uniform_format_within_the_budget_and_float():
+    script = _script()
     references = {"float": {"cost": 64.0, "test_accuracy": 0.95}, "int2": {"cost": 0.5, "test_accuracy": 0.80},
                   "int4": {"cost": 1.0, "test_accuracy": 0.90}, "int8": {"cost": 4.0, "test_accuracy": 0.94}}
     line = script.verdict(1.05, 0.92, 1.1, references)
