@@ -28,7 +28,7 @@ from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 
 import fliqs_keras  # noqa: E402
-from fliqs_keras import data, models
+from fliqs_keras import data, files, models  # noqa: E402
 from fliqs_keras.search import COST_TOLERANCE, SETTLED_NATS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -113,8 +113,7 @@ def main(argv):
         "max_entropy_nats": max(max(r["entropy_nats"].values()) for r in runs),
         "cost_ratios": [r["cost_ratio"] for r in runs],
     }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "defaults.json").write_text(json.dumps(results, indent=2))
+    files.write_text(output / "defaults.json", json.dumps(results, indent=2))
     _plot(runs, output / "defaults.png")
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
 

@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fliqs_keras  # noqa: E402
-from fliqs_keras import cost, data, models  # noqa: E402
+from fliqs_keras import cost, data, files, models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights, data order, format draws).")
@@ -122,8 +122,7 @@ def main(argv):
         "fliqs_not_below_int4": statistics.mean(fliqs) >= statistics.mean(int4),
     }
     output_dir = pathlib.Path(FLAGS.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "search_mnist.json").write_text(json.dumps(results, indent=2))
+    files.write_text(output_dir / "search_mnist.json", json.dumps(results, indent=2))
     _plot(results, output_dir / "search_mnist.png")
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
 

@@ -204,6 +204,7 @@ def main(argv):
     from fliqs_keras import cost, export, files, plots
     from fliqs_keras.search import COST_TOLERANCE
 
+    named_references = _named_references()
     keras.utils.set_random_seed(FLAGS.seed)
     train, held, test, representative, input_shape, classes = _data()
     output = pathlib.Path(FLAGS.output_dir)
@@ -228,7 +229,7 @@ def main(argv):
     sizes = cost.CostModel(searchable, "size")
     budget = search.target * (1 + COST_TOLERANCE)
     references = {}
-    for name in _reference_names(costs, budget):
+    for name in _reference_names(named_references, costs, budget):
         print(f"Training the {_label(name)} reference ({FLAGS.epochs} epochs, same data and seed)...", flush=True)
         keras.utils.set_random_seed(FLAGS.seed)
         with strategy.scope():
@@ -343,21 +344,28 @@ def _label(name: str) -> str:
     return "float" if name == "float" else f"uniform {name}"
 
 
-def _reference_names(costs, budget: float) -> list[str]:
-    """The references to train: those of --references, else float and the uniform formats within the budget."""
+def _named_references() -> list[str] | None:
+    """The references --references names, checked before any training (None: the default ones)."""
     from fliqs_keras import formats
 
-    if FLAGS.references is not None:
-        names = [n.strip().lower() for n in FLAGS.references if n.strip()]
-        if names == ["none"]:
-            return []
-        for name in names:
-            if name != "float":
-                try:
-                    formats.get(name)
-                except ValueError as error:
-                    raise app.UsageError(f"--references: {error}") from None
-        return names
+    if FLAGS.references is None:
+        return None
+    names = [n.strip().lower() for n in FLAGS.references if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name != "float":
+            try:
+                formats.get(name)
+            except ValueError as error:
+                raise app.UsageError(f"--references: {error}") from None
+    return names
+
+
+def _reference_names(named: list[str] | None, costs, budget: float) -> list[str]:
+    """The references to train: those named, else float and the uniform formats within the budget."""
+    if named is not None:
+        return named
     if FLAGS.dataset not in OFFLINE_DATASETS:
         return []
     offered = sorted({f.name for choices in costs.decisions.values() for f in choices}, key=costs.uniform)

@@ -30,33 +30,31 @@ def quiet() -> Iterator[None]:
     if logging.get_verbosity() >= logging.DEBUG:
         yield
         return
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _flush()
     with tempfile.TemporaryFile() as sink:
         saved = [os.dup(1), os.dup(2)]
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        failed = False
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 yield
         except BaseException:
-            _restore(saved)
-            sink.seek(0)
-            written = sink.read().decode("utf-8", "replace").strip()
-            if written:
-                logging.error("Output of the failed call (last 4,000 characters):\n%s", written[-4000:])
+            failed = True
             raise
-        else:
-            _restore(saved)
+        finally:
+            _flush()
+            for target, descriptor in enumerate(saved, 1):
+                os.dup2(descriptor, target)
+                os.close(descriptor)
+            if failed:
+                sink.seek(0)
+                written = sink.read().decode("utf-8", "replace").strip()
+                if written:
+                    logging.error("Output of the failed call (last 4,000 characters):\n%s", written[-4000:])
 
 
-def _restore(saved: list[int]):
+def _flush():
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    if saved:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for descriptor in saved:
-            os.close(descriptor)
-        saved.clear()

@@ -108,6 +108,10 @@ def test_search_script_refuses_nothing_to_train_and_an_output_under_a_file(tmp_p
         result = _search(tmp_path, flag)  # after the helper's own flags: the last one counts
         name, value = flag[2:].split("=")
         assert result.returncode != 0 and f"--{name}={value}" in result.stderr, result.stderr[-2000:]
+    # A format typo in --references stops the run before any training, not after the search.
+    result = _search(tmp_path / "refs", "--references=float,int9x")
+    assert result.returncode != 0 and "--references" in result.stderr and "int9x" in result.stderr
+    assert "Epoch 1/" not in result.stdout and not (tmp_path / "refs" / "results.json").exists()
     (tmp_path / "file").write_text("x")
     result = _search(tmp_path / "file" / "out")
     assert result.returncode != 0 and "is a file, not a folder" in result.stderr, result.stderr[-2000:]

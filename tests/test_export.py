@@ -344,3 +344,21 @@ def test_export_script_applies_a_formats_file_and_writes_everything(trained, tmp
          f"--formats_file={bad}", f"--representative_data={tmp_path / 'inputs.npy'}", f"--output={tmp_path / 'bad'}"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode != 0 and "extra" in run.stderr
+
+
+def test_quiet_keeps_a_calls_own_output_out_and_gives_it_back_when_the_call_fails(capfd, caplog):
+    from fliqs_keras.quiet import quiet
+
+    with quiet():
+        os.write(1, b"converter chatter\n")
+        os.write(2, b"delegate notice\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert "chatter" not in out + err and "notice" not in out + err and "after" in out
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with quiet():
+            os.write(2, b"the reason it failed\n")
+            raise RuntimeError("conversion failed")
+    assert any("the reason it failed" in r.getMessage() for r in caplog.records)
+    print("still printing")
+    assert "still printing" in capfd.readouterr().out
