@@ -88,12 +88,23 @@ def save_formats_file(record: Any, path: str | pathlib.Path) -> dict[str, Any]:
 
 
 def load_formats_file(path: str | pathlib.Path) -> dict[str, Any]:
-    """Reads and checks a formats file; ValueError says which file and what is wrong."""
+    """Reads and checks a formats file, or the one a TFLite file from `to_tflite` embeds.
+
+    In the embedded one, a weight's scales that the file's tensors hold are
+    given as that tensor's name (see docs/export.md).
+
+    Raises:
+        ValueError: saying which file and what is wrong.
+    """
     path = pathlib.Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        content = path.read_bytes()
     except OSError as error:
         raise ValueError(f"Cannot read formats file {str(path)!r}: {error}.") from None
+    if content[4:8] == _TFLITE_IDENTIFIER:
+        return _from_tflite(content, str(path))
+    try:
+        text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"Formats file {str(path)!r} is not text (a binary or corrupt file?): it is not "
                          "UTF-8 JSON.") from None
@@ -102,6 +113,20 @@ def load_formats_file(path: str | pathlib.Path) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ValueError(f"Formats file {str(path)!r} is not valid JSON (truncated or corrupt?): {error}.") from None
     validate(record, str(path))
+    return record
+
+
+_TFLITE_IDENTIFIER = b"TFL3"
+
+
+def _from_tflite(content: bytes, where: str) -> dict[str, Any]:
+    from fliqs_keras.export import annotations
+
+    record = annotations.read_metadata(content).get(annotations.FORMATS_METADATA)
+    if record is None:
+        raise ValueError(f"{where} is a TFLite file without a readable {annotations.FORMATS_METADATA!r} metadata "
+                         "entry (not written by fliqs_keras.export.to_tflite, or corrupt).")
+    validate(record, where)
     return record
 
 
@@ -138,7 +163,9 @@ def validate(record: Any, where: str = "record"):
                 raise ValueError(f"{where}: layer {path!r} names decision {decision!r}, which has no format.")
         _check_layer_follows_decisions(entry, record["decisions"], f"{where}: layer {path!r}")
         for weight, scales in entry["weight_scales"].items():
-            if not scales or not all(_positive(s) for s in scales):
+            if isinstance(scales, str) and scales:
+                continue  # in a TFLite file: the tensor that holds them
+            if not isinstance(scales, list) or not scales or not all(_positive(s) for s in scales):
                 raise ValueError(f"{where}: layer {path!r} weight {weight!r} needs positive finite scales.")
         for name, clip in entry["input_clips"].items():
             if not _positive(clip) or not isinstance(entry["input_signed"].get(name), bool):

@@ -69,6 +69,8 @@ def _kernel(content, layer):
         values = np.where(nibbles > 7, nibbles - 16, nibbles).reshape(shape)
     elif tensor.type == 9:  # INT8
         values = raw.view(np.int8).reshape(shape)
+    elif tensor.type == 1:  # FLOAT16
+        values = raw.view(np.float16).reshape(shape)
     else:
         values = raw.view(np.float32).reshape(shape)
     scales = None if tensor.quantization is None or tensor.quantization.scale is None else np.asarray(
@@ -200,7 +202,7 @@ def test_residual_blocks_whose_input_feeds_layers_of_different_grids_agree(tmp_p
     assert result.argmax_agreement >= 0.93, str(result)
 
 
-def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_path):
+def test_fp8_layers_are_float16_codes_exact_and_tampering_is_caught(trained, tmp_path):
     from ai_edge_litert.tools import flatbuffer_utils
 
     model, _, (x_test, _) = trained
@@ -211,17 +213,35 @@ def test_fp8_layers_are_annotated_exact_and_tampering_is_caught(trained, tmp_pat
     metadata = annotations.read_metadata(tmp_path / "fp8.tflite")
     assert metadata[annotations.ANNOTATION_METADATA]["fliqs/conv2/kernel"]["format"] == "e4m3"
     assert metadata[annotations.FORMATS_METADATA]["decisions"]["conv2"] == "e4m3"
-    assert {p.layer for p in result.layers if p.annotated} == {"depthwise", "conv2"}
+    assert {p.layer for p in result.layers if p.annotated} == {p.layer for p in result.layers if p.float16} == {
+        "depthwise", "conv2"}
 
-    model_t = flatbuffer_utils.read_model_from_bytearray((tmp_path / "fp8.tflite").read_bytes())
-    tensor = next(t for t in model_t.subgraphs[0].tensors if t.name == b"fliqs/conv2/kernel")
-    values = np.asarray(model_t.buffers[tensor.buffer].data, np.uint8).view(np.float32).copy()
-    values[7] = np.nextafter(values[7], np.float32(np.inf))  # one float32 step off
-    model_t.buffers[tensor.buffer].data = values.view(np.uint8)
-    tampered = bytes(flatbuffer_utils.convert_object_to_bytearray(model_t))
-    check = export.verify_annotations(tampered)
+    content = (tmp_path / "fp8.tflite").read_bytes()
+    for layer in ("depthwise", "conv2"):
+        _, tensor_type, _, size = _kernel(content, layer)
+        assert tensor_type == 1 and size == 2 * _kernel_size(model, layer)  # FLOAT16: two bytes a weight
+
+    def tampered(name, change):
+        model_t = flatbuffer_utils.read_model_from_bytearray(content)
+        tensor = next(t for t in model_t.subgraphs[0].tensors if t.name == name)
+        dtype = np.float16 if tensor.type == 1 else np.float32
+        values = np.asarray(model_t.buffers[tensor.buffer].data, np.uint8).view(dtype).copy()
+        change(values)
+        model_t.buffers[tensor.buffer].data = values.view(np.uint8)
+        return export.verify_annotations(bytes(flatbuffer_utils.convert_object_to_bytearray(model_t)))
+
+    def one_step_off(values):
+        values[7] = np.nextafter(values[7], np.float16(np.inf))
+
+    check = tampered(b"fliqs/conv2/kernel", one_step_off)
     assert not check.ok and list(check.failures) == ["fliqs/conv2/kernel"], check
     assert "1 of" in check.failures["fliqs/conv2/kernel"]
+    check = tampered(b"fliqs/depthwise/kernel/scale", lambda values: values.__setitem__(0, -1.0))
+    assert not check.ok and "scale tensor" in check.failures["fliqs/depthwise/kernel"], check
+
+
+def _kernel_size(model, layer):
+    return int(np.prod(model.get_layer(layer).layer.kernel.shape))
 
 
 def test_formats_file_round_trips_and_bad_files_get_clear_errors(trained, tmp_path):
@@ -303,7 +323,10 @@ def test_untrained_format_is_named_before_export(tmp_path):
     ("Conv2D", "e4m3", "e4m3", True, (None, None, True), "exact e4m3 values"),
     ("Dense", "e2m1", "e2m1", True, (None, None, True), "exact e2m1 values"),
     ("Conv2D", "int8", "e5m2", True, (8, None, False), "inputs e5m2 run in float32"),
-    ("EinsumDense", "int8", "int8", True, (None, None, True), "no TFLite integer kernel"),
+    ("EinsumDense", "int8", "int8", True, (8, None, False), "quantized to INT8 on each invoke"),
+    ("MultiHeadAttention", "int4", "e4m3", True, (4, None, False), "weights dequantized"),
+    ("MultiHeadAttention", "int2", "int8", True, (4, None, False), "codes x7"),
+    ("EinsumDense", "e4m3", "int8", True, (None, None, True), "no TFLite kernel for e4m3"),
 ])
 def test_legalization_maps_each_format_to_what_tflite_runs(layer_type, weight, activation, signed, expected, note):
     entry = {"type": layer_type, "weight_format": weight, "activation_format": activation,

@@ -6,6 +6,7 @@ LiteRT interpreter; `ExportVerificationError` says by how much it disagrees.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 from typing import Any
@@ -47,19 +48,22 @@ class Verification:
                 f"\n{legalize.report(self.layers)}")
 
     def summary(self) -> str:
-        """Two lines: the file and its agreement, and how many layers run in integer kernels and in float."""
+        """Two lines: the file and its agreement, and how each quantized layer runs."""
         size = pathlib.Path(self.path).stat().st_size if pathlib.Path(self.path).exists() else 0
         integer = sum(p.activation_bits is not None for p in self.layers)
-        dequantized = sum(p.weight_bits is not None and p.activation_bits is None for p in self.layers)
-        in_float = len(self.layers) - integer - dequantized
+        dynamic = sum(p.dynamic for p in self.layers)
+        dequantized = sum(p.weight_bits is not None and p.activation_bits is None and not p.dynamic
+                          for p in self.layers)
+        halves = sum(p.float16 for p in self.layers)
+        in_float = len(self.layers) - integer - dynamic - dequantized
         annotated = len(self.annotations.checked)
         checked = (f"{annotated} annotated weight tensors {'exact' if self.annotations.ok else 'NOT exact'}"
                    if annotated else "no annotated weight tensors")
         return (f"TFLite {self.path} ({size:,} bytes): argmax agreement {self.argmax_agreement:.4f} with Keras on "
                 f"{self.samples} inputs, {checked}\n"
-                f"  {integer} quantized layers run integer kernels, {dequantized} dequantize integer weights to "
-                f"float, {in_float} run in float (formats TFLite has no kernel for); str(verification) has the "
-                "per-layer table")
+                f"  quantized layers: {integer} run integer kernels, {dynamic} integer weights with inputs "
+                f"quantized per invoke, {dequantized} dequantize integer weights, {in_float} run in float "
+                f"({halves} of them with FLOAT16 weights); str(verification) has the per-layer table")
 
 
 def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data: Any, *,
@@ -91,18 +95,17 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
     exported, kernels = float_model(model, saturate=_saturation(plans, record))
     with quiet():
         float_tflite = tflite.convert(exported)
-        content, named, plans = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
-    annotated = {f"fliqs/{p.layer}/kernel": annotations.annotation(
-        p.layer, kernels[p.layer].fmt, kernels[p.layer].scale, _tflite_channel_axis(exported, p.layer))
-        for p in plans if p.annotated and p.layer in kernels}
-    content = annotations.add_metadata(content, {annotations.FORMATS_METADATA: record,
-                                                 annotations.ANNOTATION_METADATA: annotated})
+        quantized = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
+    plans = quantized.plans
+    annotated, embedded = _file_metadata(record, plans, kernels, quantized.axes)
+    content = annotations.add_metadata(quantized.content, {annotations.FORMATS_METADATA: embedded,
+                                                           annotations.ANNOTATION_METADATA: annotated})
     files.write_bytes(path, content)
     check = verify_annotations(content)
     with quiet():
         agreement, difference = _compare(model, content, examples[:verify_samples])
     result = Verification(str(path), min(len(examples), verify_samples), agreement, difference, plans, check,
-                          _weight_bytes(content, named))
+                          _weight_bytes(content, kernels))
     logging.debug("fliqs_keras.export: %s", result)
     if not check.ok:
         raise ExportVerificationError(f"Annotated tensors of {path} are not exact: {check.failures}")
@@ -114,6 +117,27 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
 
 
 _CALIBRATION = 200
+
+
+def _file_metadata(record: dict[str, Any], plans: list[LayerPlan], kernels: dict[str, ExportedWeight],
+                   axes: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The annotations, and the formats file as the TFLite file embeds it.
+
+    Scales the file's tensors already hold (quantization parameters, the
+    FLOAT16 kernels' scale tensors, the annotations) are named, not repeated.
+    """
+    by_layer = {plan.layer: plan for plan in plans}
+    annotated, embedded = {}, copy.deepcopy(record)
+    for key, axis in axes.items():
+        kernel = kernels[key]
+        plan = by_layer[kernel.layer]
+        if plan.annotated:
+            annotated[kernel.tensor_name] = annotations.annotation(
+                kernel.layer, kernel.fmt, kernel.scale, axis,
+                scale_tensor=kernel.tensor_name + "/scale" if plan.float16 else None)
+        if plan.annotated or plan.weight_bits is not None:
+            embedded["layers"][kernel.layer]["weight_scales"][kernel.path] = kernel.tensor_name
+    return annotated, embedded
 
 
 def _saturation(plans: list[LayerPlan], record: dict[str, Any]) -> dict[str, tuple[float | None, float]]:
@@ -191,25 +215,18 @@ def _compare(model: keras.Model, content: bytes, examples: np.ndarray) -> tuple[
     return agreement, float(np.max(np.abs(got - want)))
 
 
-def _tflite_channel_axis(exported: keras.Model, path: str) -> int:
-    layer = exported
-    for part in path.split("/"):
-        layer = layer.get_layer(part)
-    return 3 if isinstance(layer, keras.layers.DepthwiseConv2D) else 0
-
-
-def _weight_bytes(content: bytes, named: dict[str, int]) -> dict[str, int]:
-    """Bytes of each named layer's weight buffer in the file."""
+def _weight_bytes(content: bytes, kernels: dict[str, ExportedWeight]) -> dict[str, int]:
+    """Bytes of each quantized layer's kernels in the file, by layer."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     model_t = flatbuffer_utils.read_model_from_bytearray(content)
     graph = model_t.subgraphs[0]
     by_name = {t.name.decode(): t for t in graph.tensors}
     sizes = {}
-    for layer in named:
-        tensor = by_name.get(f"fliqs/{layer}/kernel")
+    for kernel in kernels.values():
+        tensor = by_name.get(kernel.tensor_name)
         if tensor is not None and model_t.buffers[tensor.buffer].data is not None:
-            sizes[layer] = int(np.asarray(model_t.buffers[tensor.buffer].data).size)
+            sizes[kernel.layer] = sizes.get(kernel.layer, 0) + int(np.asarray(model_t.buffers[tensor.buffer].data).size)
     return sizes
 
 

@@ -1,8 +1,8 @@
 """Format annotations in a TFLite file's metadata, and the check that the tensors honour them.
 
-A kernel whose format TFLite cannot run is stored as its exact trained
-values, annotated with its format and scales; `verify_annotations` checks them
-bit for bit.
+A kernel whose format TFLite cannot run is stored as its exact codes (FLOAT16,
+with a scale tensor) or its exact values (float32), annotated with its format;
+`verify_annotations` checks them bit for bit. Metadata is zlib-compressed JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import zlib
 from typing import Any
 
 import keras
@@ -43,7 +44,8 @@ def add_metadata(tflite: bytes, entries: dict[str, Any]) -> bytes:
     model_t.metadata = [m for m in (model_t.metadata or []) if _text(m.name) not in entries]
     for name, value in entries.items():
         buffer = schema.BufferT()
-        buffer.data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+        text = json.dumps(value, separators=(",", ":")).encode()
+        buffer.data = np.frombuffer(zlib.compress(text, 9), np.uint8)
         model_t.buffers.append(buffer)
         entry = schema.MetadataT()
         entry.name, entry.buffer = name, len(model_t.buffers) - 1
@@ -69,8 +71,10 @@ def _metadata(model_t) -> dict[str, Any]:
     for entry in model_t.metadata or []:
         data = model_t.buffers[entry.buffer].data
         try:
-            result[_text(entry.name)] = json.loads(np.asarray(data, np.uint8).tobytes().decode())
-        except (ValueError, UnicodeDecodeError, TypeError) as error:
+            raw = np.asarray(data, np.uint8).tobytes()
+            # JSON never starts with "x", a zlib stream always does (deflate, 32K window).
+            result[_text(entry.name)] = json.loads((zlib.decompress(raw) if raw[:1] == b"x" else raw).decode())
+        except (ValueError, UnicodeDecodeError, TypeError, zlib.error) as error:
             result[_text(entry.name)] = _Unreadable(f"{type(error).__name__}: {error}")
     return result
 
@@ -88,10 +92,19 @@ def _model(tflite: bytes | str | pathlib.Path):
                          f"{type(error).__name__}: {error}.") from None
 
 
-def annotation(layer: str, fmt: formats.Format, scale: np.ndarray, channel_axis: int) -> dict[str, Any]:
-    """The metadata entry of one annotated kernel: its layer, format, channel axis and scales."""
-    return {"layer": layer, "format": fmt.name, "channel_axis": channel_axis,
-            "scale": [float(s) for s in np.asarray(scale, np.float32)]}
+def annotation(layer: str, fmt: formats.Format, scale: np.ndarray, channel_axis: int,
+               scale_tensor: str | None = None) -> dict[str, Any]:
+    """The metadata entry of one annotated kernel: its layer, format, channel axis and scales.
+
+    With `scale_tensor`, the kernel holds the codes and that tensor the
+    scales; without, the kernel holds the values and the entry the scales.
+    """
+    entry = {"layer": layer, "format": fmt.name, "channel_axis": channel_axis}
+    if scale_tensor is not None:
+        entry["scale_tensor"] = scale_tensor
+    else:
+        entry["scale"] = [float(s) for s in np.asarray(scale, np.float32)]
+    return entry
 
 
 def check_tensor(values: np.ndarray, entry: dict[str, Any]) -> str | None:
@@ -140,18 +153,42 @@ def verify_annotations(tflite: bytes | str | pathlib.Path) -> AnnotationCheck:
         if tensor is None:
             failures[name] = "no tensor of that name in the file"
             continue
-        data = model_t.buffers[tensor.buffer].data
-        if tensor.type != 0 or data is None:  # 0: FLOAT32 constant
-            failures[name] = "not a float32 constant tensor"
-            continue
-        values = np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32).reshape(tensor.shape)
         try:
-            problem = check_tensor(values, entry)
+            problem = _check_annotated(model_t, tensors, tensor, entry)
         except (KeyError, TypeError, ValueError) as error:
             problem = f"its annotation cannot be read: {type(error).__name__}: {error}"
         if problem:
             failures[name] = problem
     return AnnotationCheck(checked, failures)
+
+
+_CONSTANT_TYPES = {0: np.float32, 1: np.float16}  # TFLite FLOAT32, FLOAT16
+
+
+def _constant(model_t, tensor) -> np.ndarray | None:
+    """A FLOAT32 or FLOAT16 constant's values as float32, or None for any other tensor."""
+    data = model_t.buffers[tensor.buffer].data
+    if tensor.type not in _CONSTANT_TYPES or data is None:
+        return None
+    values = np.frombuffer(np.asarray(data, np.uint8).tobytes(), _CONSTANT_TYPES[tensor.type])
+    return values.astype(np.float32).reshape(tensor.shape)
+
+
+def _check_annotated(model_t, tensors: dict[str, Any], tensor, entry: dict[str, Any]) -> str | None:
+    """Why an annotated tensor breaks its entry: FLOAT16 codes with a scale tensor, or float32 values."""
+    values = _constant(model_t, tensor)
+    if "scale_tensor" not in entry:
+        if values is None or tensor.type != 0:
+            return "not a float32 constant tensor"
+        return check_tensor(values, entry)
+    if values is None or tensor.type != 1:
+        return "not a float16 constant tensor"
+    holder = tensors.get(entry["scale_tensor"])
+    scale = None if holder is None else _constant(model_t, holder)
+    channels = values.shape[entry["channel_axis"]]
+    if scale is None or scale.size != channels or not np.all(np.isfinite(scale) & (scale > 0)):
+        return f"its scale tensor {entry['scale_tensor']!r} is missing or not {channels} positive finite floats"
+    return check_tensor(values, {**entry, "scale": [1.0]})
 
 
 def _bytes(tflite) -> bytes:

@@ -113,8 +113,19 @@ class ExportedWeight:
     values: np.ndarray  # in the Keras layout
     scale: np.ndarray
 
+    @property
+    def key(self) -> str:
+        """The layer path; for a weight of a sublayer (attention's ``_query_dense.kernel``), and that sublayer."""
+        return self.layer if self.path == "kernel" else f"{self.layer}/{self.path.removesuffix('.kernel')}"
+
+    @property
+    def tensor_name(self) -> str:
+        """The name of its tensor in the TFLite file (its op's output is named ``fliqs/<key>``)."""
+        return f"fliqs/{self.key}/kernel"
+
 
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+_PROJECTIONS = (keras.layers.EinsumDense, keras.layers.MultiHeadAttention)
 
 
 def _folds(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
@@ -251,7 +262,7 @@ def fixed_model(model: keras.Model) -> keras.Model:
 
 def float_model(model: keras.Model, saturate: dict[str, tuple[float | None, float]] | None = None
                 ) -> tuple[keras.Model, dict[str, ExportedWeight]]:
-    """The model for the TFLite converter, and each quantized layer's exported kernel by layer path.
+    """The model for the TFLite converter, and each quantized kernel as exported by `ExportedWeight.key`.
 
     `saturate` maps layer paths to (low or None, high): that layer's input is
     clipped to it first (where the TFLite tensor cannot saturate by itself).
@@ -264,6 +275,10 @@ def float_model(model: keras.Model, saturate: dict[str, tuple[float | None, floa
         frozen = [w for w in wrapper.frozen_weights() if w.path == "kernel"]
         if frozen and isinstance(wrapper.layer, _FOLDABLE):
             kernels[path], biases[path] = _export_kernel(wrapper, path, frozen[0], folds.get(path))
+        elif isinstance(wrapper.layer, _PROJECTIONS):
+            for weight in wrapper.frozen_weights():
+                exported = ExportedWeight(path, weight.path, weight.fmt, weight.values, weight.scale)
+                kernels[exported.key] = exported
     # A folded batch norm becomes the identity, so the converter has nothing left to fold.
     folded = {id(norm) for norm in folds.values()}
 
@@ -280,7 +295,7 @@ def float_model(model: keras.Model, saturate: dict[str, tuple[float | None, floa
     _copy_plain_weights(model, exported, skip=folded)
     for path, wrapper in wrappers.items():
         values = _quantized_values(wrapper)
-        if path in kernels:
+        if path in biases:
             values[0] = kernels[path].values
             if biases[path] is not None:
                 values = [kernels[path].values, biases[path]]
