@@ -213,6 +213,9 @@ def test_fp8_layers_are_float16_codes_exact_and_tampering_is_caught(trained, tmp
     metadata = annotations.read_metadata(tmp_path / "fp8.tflite")
     assert metadata[annotations.ANNOTATION_METADATA]["fliqs/conv2/kernel"]["format"] == "e4m3"
     assert metadata[annotations.FORMATS_METADATA]["decisions"]["conv2"] == "e4m3"
+    embedded = export.load_formats_file(tmp_path / "fp8.tflite")  # the file alone gives back the formats file
+    assert embedded["decisions"] == export.build_formats_file(model)["decisions"]
+    assert embedded["layers"]["conv2"]["weight_scales"] == {"kernel": "fliqs/conv2/kernel"}
     assert {p.layer for p in result.layers if p.annotated} == {p.layer for p in result.layers if p.float16} == {
         "depthwise", "conv2"}
 

@@ -225,8 +225,9 @@ def _weight_bytes(content: bytes, kernels: dict[str, ExportedWeight]) -> dict[st
     sizes = {}
     for kernel in kernels.values():
         tensor = by_name.get(kernel.tensor_name)
-        if tensor is not None and model_t.buffers[tensor.buffer].data is not None:
-            sizes[kernel.layer] = sizes.get(kernel.layer, 0) + int(np.asarray(model_t.buffers[tensor.buffer].data).size)
+        data = None if tensor is None else model_t.buffers[tensor.buffer].data
+        if data is not None:
+            sizes[kernel.layer] = sizes.get(kernel.layer, 0) + len(annotations.buffer_bytes(data))
     return sizes
 
 

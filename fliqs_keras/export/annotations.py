@@ -71,7 +71,7 @@ def _metadata(model_t) -> dict[str, Any]:
     for entry in model_t.metadata or []:
         data = model_t.buffers[entry.buffer].data
         try:
-            raw = np.asarray(data, np.uint8).tobytes()
+            raw = buffer_bytes(data)
             # JSON never starts with "x", a zlib stream always does (deflate, 32K window).
             result[_text(entry.name)] = json.loads((zlib.decompress(raw) if raw[:1] == b"x" else raw).decode())
         except (ValueError, UnicodeDecodeError, TypeError, zlib.error) as error:
@@ -165,12 +165,17 @@ def verify_annotations(tflite: bytes | str | pathlib.Path) -> AnnotationCheck:
 _CONSTANT_TYPES = {0: np.float32, 1: np.float16}  # TFLite FLOAT32, FLOAT16
 
 
+def buffer_bytes(data) -> bytes:
+    """A flatbuffer buffer's data as bytes (the reader gives a uint8 array, or bytes for some files)."""
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, np.uint8).tobytes()
+
+
 def _constant(model_t, tensor) -> np.ndarray | None:
     """A FLOAT32 or FLOAT16 constant's values as float32, or None for any other tensor."""
     data = model_t.buffers[tensor.buffer].data
     if tensor.type not in _CONSTANT_TYPES or data is None:
         return None
-    values = np.frombuffer(np.asarray(data, np.uint8).tobytes(), _CONSTANT_TYPES[tensor.type])
+    values = np.frombuffer(buffer_bytes(data), _CONSTANT_TYPES[tensor.type])
     return values.astype(np.float32).reshape(tensor.shape)
 
 

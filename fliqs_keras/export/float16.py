@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from fliqs_keras import formats, quantizers
+from fliqs_keras.export.annotations import buffer_bytes
 
 _FLOAT16 = formats.get("fp16")
 _MUL, _DEQUANTIZE = 18, 6
@@ -77,7 +78,9 @@ def store(model_t, op_index: int, weight_name: str, halves: np.ndarray, scale: n
     scale = np.asarray(scale, np.float32)
     if len(op.inputs) > 2 and op.inputs[2] >= 0:
         bias = graph.tensors[op.inputs[2]]
-        values = np.frombuffer(np.asarray(model_t.buffers[bias.buffer].data, np.uint8).tobytes(), np.float32)
+        values = np.frombuffer(buffer_bytes(model_t.buffers[bias.buffer].data), np.float32)
+        if sum(op.inputs[2] in other.inputs for other in graph.operators) == 1:
+            bias.buffer = 0  # nothing else reads the old bias: its data goes with `drop_unused_buffers`
         op.inputs[2] = _constant(model_t, graph, schema, weight_name + "/bias_over_scale",
                                  (values / scale).astype(np.float32), _FLOAT32)
     output = graph.tensors[op.outputs[0]]

@@ -17,6 +17,7 @@ import numpy as np
 
 from fliqs_keras import formats
 from fliqs_keras.export import float16, legalize
+from fliqs_keras.export.annotations import buffer_bytes
 from fliqs_keras.export.fixed import ExportedWeight
 from fliqs_keras.export.legalize import LayerPlan
 
@@ -49,8 +50,8 @@ def builtin_code(model_t, op) -> int:
 
 def tensor_array(model_t, tensor) -> np.ndarray:
     """A constant float32 tensor's values."""
-    data = model_t.buffers[tensor.buffer].data
-    return np.frombuffer(np.asarray(data, np.uint8).tobytes(), np.float32).reshape(tensor.shape)
+    return np.frombuffer(buffer_bytes(model_t.buffers[tensor.buffer].data), np.float32).reshape(
+        tensor.shape)
 
 
 def quantized_dimension(model_t, op) -> int:
@@ -255,8 +256,6 @@ def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, Exp
              record: dict[str, Any], representative_data) -> Quantized:
     """Quantizes the named kernels' ops as their plans say, then stores the annotated ones as FLOAT16 codes."""
     from ai_edge_litert.tools import flatbuffer_utils
-    from ai_edge_quantizer import calibrator, quantizer, recipe_manager
-    from ai_edge_quantizer.utils import qsv_utils
 
     by_layer = {plan.layer: plan for plan in plans}
     model_t = flatbuffer_utils.read_model_from_bytearray(float_tflite)
@@ -280,14 +279,16 @@ def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, Exp
                               "activation_tensor_config": _activation_config(bits),
                               "weight_tensor_config": _weight_config(8),
                               "compute_precision": "INTEGER", "explicit_dequantize": False}})
-        content = _run_quantizer(named_tflite, rules, trained, representative_data,
-                                 (calibrator, quantizer, recipe_manager, qsv_utils))
-    content, plans = _store_float16(content, plans, kernels, {k: axes[k] for k in named})
+        content = _run_quantizer(named_tflite, rules, trained, representative_data)
+    content, plans = _store_float16(content, plans, kernels, axes)
     return Quantized(content, plans, axes)
 
 
-def _run_quantizer(named_tflite: bytes, rules, trained, representative_data, modules) -> bytes:
-    calibrator, quantizer, recipe_manager, qsv_utils = modules
+def _run_quantizer(named_tflite: bytes, rules, trained, representative_data) -> bytes:
+    """The LiteRT quantizer's output: calibrated ranges, the trained ones in their place."""
+    from ai_edge_quantizer import calibrator, quantizer, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
     engine = quantizer.Quantizer(named_tflite, rules)
     ranges = {}
     if engine.need_calibration:
