@@ -2,14 +2,17 @@
 
 For MobileNetV2 (keras.applications, alpha 0.5, 96x96), ResNet-18 (CIFAR stem,
 32x32) and a small ViT (width 192, 3 heads, depth 6, patch 4, 32x32), each
-trained one epoch on the offline MNIST digits (resized, three channels), writes
+trained one epoch on the offline MNIST digits (resized, three channels; batch
+norms re-estimated after it, so that the model does not predict one class for
+everything and agreement means something), writes
 the plain converter's float32, float16 and full-integer INT8 files, and
 fliqs_keras exports of uniform INT8, INT4 weights with INT8 inputs (what LiteRT's
 INT4 kernels compute) and E4M3 (each after one epoch of QAT from the float
 weights), and of a FLIQS policy from a one-epoch search among INT4, INT8 and
 E4M3 weights with INT8 inputs. Per
 file: bytes, tensor bytes by TFLite type, metadata bytes, kernel bytes, argmax
-agreement with its Keras model, and XNNPACK latency at 1 and 2 threads (median
+agreement with its Keras model, its accuracy and how many classes it predicts on
+the held-out digits, and XNNPACK latency at 1 and 2 threads (median
 and quartiles of --invokes invokes after warm-up, a model's files interleaved).
 
     .venv/bin/python benchmarks/deploy.py [--models=mobilenet_v2,resnet18,vit] [--invokes=50]
@@ -33,7 +36,7 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mobilenet_v2", "resnet18", "vit"], "Models to export and time.")
-flags.DEFINE_integer("train_examples", 2000, "MNIST digits each model trains (and QATs, and searches) on.")
+flags.DEFINE_integer("train_examples", 1000, "MNIST digits each model trains (and QATs, and searches) on.")
 flags.DEFINE_integer("agreement_inputs", 500, "Held-out digits on which each file's argmax is compared with Keras.")
 flags.DEFINE_integer("invokes", 50, "Timed invokes per file and thread count.")
 flags.DEFINE_integer("warmup_invokes", 5, "Untimed invokes per file first.")
@@ -42,8 +45,10 @@ flags.DEFINE_string("output_dir", "benchmarks/results", "Where deploy.json and d
 SIZES = {"mobilenet_v2": 96, "resnet18": 32, "vit": 32}
 UNIFORM = {"int8": "int8", "int4": {"weights": ["int4"], "activations": ["int8"]}, "e4m3": "e4m3"}
 SEARCH_SPACE = {"weights": ["int4", "int8", "e4m3"], "activations": ["int8"]}
-SEARCH_TARGET = "int8*0.7"
+# Reachable on all three: the ViT's attention products stay float32 whatever the formats (73% of its INT8 cost).
+SEARCH_TARGET = "int8*0.85"
 THREADS = (1, 2)
+REESTIMATION_EXAMPLES = 512
 TARGETS = {"fp_vs_plain_float16": 1.05, "int8_vs_plain_int8": 1.05, "int4_kernels_vs_int8": 0.55,
            "vit_int8_vs_float32": 0.35, "uniform_agreement": 0.99, "mixed_agreement": 0.97}
 _TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8", 17: "int4"}
@@ -65,17 +70,18 @@ def _model(name: str):
 
 
 def _data(size: int):
-    """MNIST digits at size x size with three channels: (train x, y), (held-out x)."""
+    """MNIST digits at size x size with three channels: (train x, y), (held-out x, y)."""
     import tensorflow as tf
 
     from fliqs_keras import data
 
-    (x, y), (x_test, _) = data.mnist_digits(seed=0)
+    (x, y), (x_test, y_test) = data.mnist_digits(seed=0)
 
     def prepare(images):
         return tf.image.resize(tf.image.grayscale_to_rgb(tf.convert_to_tensor(images)), (size, size)).numpy()
 
-    return (prepare(x[:FLAGS.train_examples]), y[:FLAGS.train_examples]), prepare(x_test[:FLAGS.agreement_inputs])
+    held_out = slice(0, FLAGS.agreement_inputs)
+    return (prepare(x[:FLAGS.train_examples]), y[:FLAGS.train_examples]), (prepare(x_test[held_out]), y_test[held_out])
 
 
 def _compile(model, rate: float):
@@ -129,11 +135,15 @@ def _run(content: bytes, examples, threads: int = 1):
     return np.stack(outputs)
 
 
-def _agreement(content: bytes, keras_model, examples) -> float:
+def _predictions(content: bytes, keras_model, held_out) -> dict:
+    """The file's argmax agreement with Keras, its accuracy, and how many classes it predicts."""
     import numpy as np
 
+    examples, labels = held_out
     want = np.argmax(keras_model.predict(examples, batch_size=128, verbose=0), -1)
-    return float(np.mean(np.argmax(_run(content, examples), -1) == want))
+    got = np.argmax(_run(content, examples), -1)
+    return {"agreement": float(np.mean(got == want)), "accuracy": float(np.mean(got == labels)),
+            "classes_predicted": int(np.unique(got).size)}
 
 
 def _file_stats(content: bytes) -> dict:
@@ -234,7 +244,7 @@ def run_model(name: str, directory: pathlib.Path) -> dict:
     """Trains, exports and measures one model's files."""
     import keras
 
-    from fliqs_keras import export
+    from fliqs_keras import batch_norm, export
 
     size = SIZES[name]
     train, held_out = _data(size)
@@ -243,25 +253,27 @@ def run_model(name: str, directory: pathlib.Path) -> dict:
     _compile(float_model, 1e-3)
     started = time.perf_counter()
     float_model.fit(*train, epochs=1, batch_size=32, verbose=0)
-    logging.info("%s: float epoch in %.0f s", name, time.perf_counter() - started)
+    batch_norm.reestimate(float_model, train[0], max_examples=REESTIMATION_EXAMPLES)
+    logging.info("%s: float epoch and re-estimation in %.0f s", name, time.perf_counter() - started)
     contents, files = {}, {}
     for mode in ("float32", "float16", "int8"):
         label = f"plain {mode}"
         contents[label] = _plain(float_model, mode, train[0])
-        files[label] = {"agreement": _agreement(contents[label], float_model, held_out)}
+        files[label] = _predictions(contents[label], float_model, held_out)
     policies = {f"fliqs {name}": _uniform(float_model, formats, train) for name, formats in UNIFORM.items()}
     policies["fliqs searched"] = _searched(float_model, train)
     for label, searchable in policies.items():
         path = directory / f"{name}_{label.replace(' ', '_')}.tflite"
-        result = export.to_tflite(searchable, path, held_out, verify_samples=len(held_out), min_agreement=0.0)
+        result = export.to_tflite(searchable, path, held_out[0], verify_samples=len(held_out[0]), min_agreement=0.0)
         contents[label] = path.read_bytes()
-        files[label] = {"agreement": result.argmax_agreement, "summary": result.summary().splitlines()[1].strip(),
+        files[label] = {**_predictions(contents[label], searchable, held_out),
+                        "summary": result.summary().splitlines()[1].strip(),
                         "formats": {p.layer: p.weight_format for p in result.layers},
                         "storage": {p.layer: p.tflite for p in result.layers}}
         logging.info("%s %s: %s", name, label, result.summary())
     for label, content in contents.items():
         files[label].update(_file_stats(content))
-    for label, timing in _latency(contents, held_out[0]).items():
+    for label, timing in _latency(contents, held_out[0][0]).items():
         files[label]["latency"] = timing
     return {"input_size": size, "params": int(float_model.count_params()), "files": files}
 
@@ -328,19 +340,21 @@ def main(argv):
     from fliqs_keras import files
 
     unknown = sorted(set(FLAGS.models) - set(SIZES))
-    if unknown:
-        raise app.UsageError(f"--models: unknown {unknown}; known: {sorted(SIZES)}.")
+    if not FLAGS.models or unknown:
+        raise app.UsageError(f"--models: unknown {unknown or 'none given'}; known: {sorted(SIZES)}.")
     output = pathlib.Path(FLAGS.output_dir)
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         for name in FLAGS.models:
             results[name] = run_model(name, pathlib.Path(directory))
-    report = {"models": results, "targets": checks(results),
-              "settings": {"train_examples": FLAGS.train_examples, "agreement_inputs": FLAGS.agreement_inputs,
-                           "invokes": FLAGS.invokes, "threads": list(THREADS), "uniform": UNIFORM, "search_space": SEARCH_SPACE,
-                           "search_target": SEARCH_TARGET}}
-    files.write_text(output / "deploy.json", json.dumps(report, indent=1))
-    plot(results, output / "deploy.png")
+            # Written after every model: a later model's failure does not lose the earlier ones.
+            report = {"models": results, "targets": checks(results),
+                      "settings": {"train_examples": FLAGS.train_examples,
+                                   "agreement_inputs": FLAGS.agreement_inputs, "invokes": FLAGS.invokes,
+                                   "threads": list(THREADS), "uniform": UNIFORM, "search_space": SEARCH_SPACE,
+                                   "search_target": SEARCH_TARGET}}
+            files.write_text(output / "deploy.json", json.dumps(report, indent=1))
+            plot(results, output / "deploy.png")
     for key, value in report["targets"].items():
         logging.info("%s: %s (bound %s) %s", key, value["value"], value["bound"], "met" if value["met"] else "MISSED")
 
