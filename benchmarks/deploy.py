@@ -52,7 +52,6 @@ REESTIMATION_EXAMPLES = 512
 TARGETS = {"fp_vs_plain_float16": 1.05, "int8_vs_plain_int8": 1.05, "int4_kernels_vs_int8": 0.55,
            "vit_int8_vs_float32": 0.35, "uniform_agreement": 0.99, "mixed_agreement": 0.97}
 _TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8", 17: "int4"}
-_WEIGHT_OPS = (3, 4, 9, 126)  # CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, BATCH_MATMUL
 _DEQUANTIZE = 6
 
 
@@ -150,7 +149,7 @@ def _file_stats(content: bytes) -> dict:
     """Bytes, constant tensor bytes by TFLite type, metadata bytes (all, and fliqs_keras's), kernel bytes."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from fliqs_keras.export import annotations
+    from fliqs_keras.export import annotations, tflite
 
     model_t = flatbuffer_utils.read_model_from_bytearray(content)
     graph = model_t.subgraphs[0]
@@ -166,13 +165,10 @@ def _file_stats(content: bytes) -> dict:
     producers = {t: op for op in graph.operators for t in op.outputs}
     kernels = 0
     for op in graph.operators:
-        code = model_t.operatorCodes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) in _WEIGHT_OPS and len(op.inputs) > 1:
+        if tflite.builtin_code(model_t, op) in tflite.WEIGHT_OPS and len(op.inputs) > 1:
             weight = op.inputs[1]
             producer = producers.get(weight)
-            if producer is not None and max(model_t.operatorCodes[producer.opcodeIndex].builtinCode,
-                                            model_t.operatorCodes[producer.opcodeIndex].deprecatedBuiltinCode) == (
-                    _DEQUANTIZE):
+            if producer is not None and tflite.builtin_code(model_t, producer) == _DEQUANTIZE:
                 weight = producer.inputs[0]
             kernels += size(graph.tensors[weight])
     metadata = {entry.name.decode(): len(annotations.buffer_bytes(model_t.buffers[entry.buffer].data))

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from fliqs_keras import files, formats, graph
-from fliqs_keras.export import annotations, legalize, tflite
+from fliqs_keras.export import annotations, float16, legalize, tflite
 from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
 from fliqs_keras.export.legalize import LayerPlan
@@ -134,7 +134,7 @@ def _file_metadata(record: dict[str, Any], plans: list[LayerPlan], kernels: dict
         if plan.annotated:
             annotated[kernel.tensor_name] = annotations.annotation(
                 kernel.layer, kernel.fmt, kernel.scale, axis,
-                scale_tensor=kernel.tensor_name + "/scale" if plan.float16 else None)
+                scale_tensor=float16.scale_name(kernel.tensor_name) if plan.float16 else None)
         if plan.annotated or plan.weight_bits is not None:
             embedded["layers"][kernel.layer]["weight_scales"][kernel.path] = kernel.tensor_name
     return annotated, embedded

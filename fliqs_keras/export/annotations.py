@@ -170,7 +170,7 @@ def buffer_bytes(data) -> bytes:
     return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, np.uint8).tobytes()
 
 
-def _constant(model_t, tensor) -> np.ndarray | None:
+def constant_values(model_t, tensor) -> np.ndarray | None:
     """A FLOAT32 or FLOAT16 constant's values as float32, or None for any other tensor."""
     data = model_t.buffers[tensor.buffer].data
     if tensor.type not in _CONSTANT_TYPES or data is None:
@@ -181,7 +181,7 @@ def _constant(model_t, tensor) -> np.ndarray | None:
 
 def _check_annotated(model_t, tensors: dict[str, Any], tensor, entry: dict[str, Any]) -> str | None:
     """Why an annotated tensor breaks its entry: FLOAT16 codes with a scale tensor, or float32 values."""
-    values = _constant(model_t, tensor)
+    values = constant_values(model_t, tensor)
     if "scale_tensor" not in entry:
         if values is None or tensor.type != 0:
             return "not a float32 constant tensor"
@@ -189,7 +189,7 @@ def _check_annotated(model_t, tensors: dict[str, Any], tensor, entry: dict[str, 
     if values is None or tensor.type != 1:
         return "not a float16 constant tensor"
     holder = tensors.get(entry["scale_tensor"])
-    scale = None if holder is None else _constant(model_t, holder)
+    scale = None if holder is None else constant_values(model_t, holder)
     channels = values.shape[entry["channel_axis"]]
     if scale is None or scale.size != channels or not np.all(np.isfinite(scale) & (scale > 0)):
         return f"its scale tensor {entry['scale_tensor']!r} is missing or not {channels} positive finite floats"

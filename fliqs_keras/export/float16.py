@@ -18,6 +18,11 @@ _MUL, _DEQUANTIZE = 18, 6
 _FLOAT32, _FLOAT16_TYPE = 0, 1
 
 
+def scale_name(weight_name: str) -> str:
+    """The name of the float32 scale tensor of the FLOAT16 kernel `weight_name`."""
+    return weight_name + "/scale"
+
+
 def unfit_reason(fmt: formats.Format) -> str | None:
     """Why float16 cannot hold every code of `fmt` exactly, or None when it can."""
     if not isinstance(fmt, formats.FloatFormat):
@@ -87,7 +92,7 @@ def store(model_t, op_index: int, weight_name: str, halves: np.ndarray, scale: n
     unscaled = _tensor(graph, schema, output.name.decode() + "/unscaled", output.shape, _FLOAT32)
     multiply = schema.OperatorT()
     multiply.opcodeIndex = _opcode(model_t, schema, _MUL, 1)
-    multiply.inputs = [unscaled, _constant(model_t, graph, schema, weight_name + "/scale", scale, _FLOAT32)]
+    multiply.inputs = [unscaled, _constant(model_t, graph, schema, scale_name(weight_name), scale, _FLOAT32)]
     multiply.outputs = [op.outputs[0]]
     multiply.builtinOptionsType = schema.BuiltinOptions.MulOptions
     multiply.builtinOptions = schema.MulOptionsT()

@@ -17,7 +17,7 @@ import numpy as np
 
 from fliqs_keras import formats
 from fliqs_keras.export import float16, legalize
-from fliqs_keras.export.annotations import buffer_bytes
+from fliqs_keras.export.annotations import constant_values
 from fliqs_keras.export.fixed import ExportedWeight
 from fliqs_keras.export.legalize import LayerPlan
 
@@ -46,12 +46,6 @@ def builtin_code(model_t, op) -> int:
     """The builtin operator code of `op` in a flatbuffer model."""
     code = model_t.operatorCodes[op.opcodeIndex]
     return max(code.builtinCode, code.deprecatedBuiltinCode)
-
-
-def tensor_array(model_t, tensor) -> np.ndarray:
-    """A constant float32 tensor's values."""
-    return np.frombuffer(buffer_bytes(model_t.buffers[tensor.buffer].data), np.float32).reshape(
-        tensor.shape)
 
 
 def quantized_dimension(model_t, op) -> int:
@@ -95,7 +89,7 @@ def name_layers(model_t, kernels: dict[str, ExportedWeight], required) -> dict[s
         weight = graph.tensors[op.inputs[1]]
         if model_t.buffers[weight.buffer].data is None or weight.type != 0:  # 0: FLOAT32
             continue
-        array = tensor_array(model_t, weight)
+        array = constant_values(model_t, weight)
         values = np.sort(array.ravel())
         for key, reference in wanted.items():
             if key not in found and values.shape == reference.shape and np.array_equal(values, reference) and (
@@ -334,7 +328,7 @@ def _store_float16(content: bytes, plans: list[LayerPlan], kernels: dict[str, Ex
         reason = float16.unfit_reason(kernel.fmt)
         halves = None
         if reason is None:
-            halves, reason = float16.split(tensor_array(model_t, weight), kernel.fmt, kernel.scale, axes[key])
+            halves, reason = float16.split(constant_values(model_t, weight), kernel.fmt, kernel.scale, axes[key])
         if reason is not None:
             reasons.setdefault(kernel.layer, []).append(reason)
         else:
