@@ -7,7 +7,7 @@ Keras touches one module.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import keras
 from keras.src.models.functional import Functional
@@ -55,6 +55,39 @@ def sole_producer(layer: keras.layers.Layer) -> keras.layers.Layer | None:
     if call_count(producer) != 1 or len(producer._outbound_nodes) != 1:
         return None
     return producer
+
+
+def nearest_upstream(layer: keras.layers.Layer, keep: Callable[[keras.layers.Layer], bool]) -> set:
+    """The nearest layers `keep` accepts that feed `layer`'s calls through any others; None stands for a model input.
+
+    Layers that `keep` rejects are passed through (activations, adds,
+    pooling); a nested model counts as an input, its inside not walked.
+    """
+    found, seen = set(), set()
+    pending = list(getattr(layer, "_inbound_nodes", []))
+    while pending:
+        node = pending.pop()
+        for parent in node.parent_nodes:
+            operation = parent.operation
+            if id(parent) in seen:
+                continue
+            seen.add(id(parent))
+            if keep(operation):
+                found.add(operation)
+            elif isinstance(operation, (keras.layers.InputLayer, keras.Model)) or not parent.parent_nodes:
+                found.add(None)
+            else:
+                pending.append(parent)
+    return found
+
+
+def output_producers(model: keras.Model, keep: Callable[[keras.layers.Layer], bool]) -> set:
+    """The nearest layers `keep` accepts that compute `model`'s outputs (None: an output read from an input)."""
+    found = set()
+    for tensor in model.outputs:
+        operation = tensor._keras_history.operation
+        found |= {operation} if keep(operation) else nearest_upstream(operation, keep)
+    return found
 
 
 def loss_tracker(model: keras.Model):

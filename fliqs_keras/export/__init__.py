@@ -89,17 +89,7 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
         raise ValueError(f"to_tflite needs a model made by fliqs_keras.apply, got {type(model).__name__}.")
     path = files.destination(path)
     examples = _examples(representative_data, model)
-    record = build_formats_file(model)
-    _check_range(examples, model, record)
-    plans = legalize.plan(record)
-    exported, kernels = float_model(model, saturate=_saturation(plans, record))
-    with quiet():
-        float_tflite = tflite.convert(exported)
-        quantized = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION])
-    plans = quantized.plans
-    annotated, embedded = _file_metadata(record, plans, kernels, quantized.axes)
-    content = annotations.add_metadata(quantized.content, {annotations.FORMATS_METADATA: embedded,
-                                                           annotations.ANNOTATION_METADATA: annotated})
+    content, plans, kernels = tflite_content(model, examples)
     files.write_bytes(path, content)
     check = verify_annotations(content)
     with quiet():
@@ -117,6 +107,33 @@ def to_tflite(model: keras.Model, path: str | pathlib.Path, representative_data:
 
 
 _CALIBRATION = 200
+
+
+def tflite_content(model: SearchModel, examples: np.ndarray, *, int16_outputs: bool = True
+                   ) -> tuple[bytes, list[LayerPlan], dict[str, ExportedWeight]]:
+    """The TFLite file of `model` in its current formats, with its layer plans and exported kernels; unverified.
+
+    Args:
+        model: a model made by `apply`.
+        examples: an array of inputs, for calibration.
+        int16_outputs: integer layers that compute a model output run with
+            INT16 activations (`tflite.widen_outputs`). False where the model
+            is one layer cut out of a larger one, whose output another layer
+            reads (`cost_tables` times such layers).
+    """
+    record = build_formats_file(model)
+    _check_range(examples, model, record)
+    plans = legalize.plan(record)
+    exported, kernels = float_model(model, saturate=_saturation(plans, record))
+    with quiet():
+        float_tflite = tflite.convert(exported)
+        quantized = tflite.quantize(float_tflite, plans, kernels, record, examples[:_CALIBRATION],
+                                    int16_outputs=int16_outputs)
+    plans = quantized.plans
+    annotated, embedded = _file_metadata(record, plans, kernels, quantized.axes)
+    content = annotations.add_metadata(quantized.content, {annotations.FORMATS_METADATA: embedded,
+                                                           annotations.ANNOTATION_METADATA: annotated})
+    return content, plans, kernels
 
 
 def _file_metadata(record: dict[str, Any], plans: list[LayerPlan], kernels: dict[str, ExportedWeight],
@@ -234,5 +251,5 @@ def _weight_bytes(content: bytes, kernels: dict[str, ExportedWeight]) -> dict[st
 __all__ = [
     "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
     "build_formats_file", "check_matches", "fixed_model", "float_model", "load_formats_file", "save_formats_file",
-    "to_tflite", "verify_annotations",
+    "tflite_content", "to_tflite", "verify_annotations",
 ]

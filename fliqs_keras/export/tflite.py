@@ -247,8 +247,11 @@ class Quantized:
 
 
 def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, ExportedWeight],
-             record: dict[str, Any], representative_data) -> Quantized:
-    """Quantizes the named kernels' ops as their plans say, then stores the annotated ones as FLOAT16 codes."""
+             record: dict[str, Any], representative_data, int16_outputs: bool = True) -> Quantized:
+    """Quantizes the named kernels' ops as their plans say, then stores the annotated ones as FLOAT16 codes.
+
+    With `int16_outputs`, integer layers computing a model output get INT16 activations (`widen_outputs`).
+    """
     from ai_edge_litert.tools import flatbuffer_utils
 
     by_layer = {plan.layer: plan for plan in plans}
@@ -256,7 +259,8 @@ def quantize(float_tflite: bytes, plans: list[LayerPlan], kernels: dict[str, Exp
     named = name_layers(model_t, kernels, {key for key, kernel in kernels.items()
                                            if by_layer[kernel.layer].layer_type not in legalize.DYNAMIC_OPS})
     plans = [_unmatched(plan) if plan.layer_type in legalize.DYNAMIC_OPS and plan.weight_format and not any(
-        kernels[key].layer == plan.layer for key in named) else plan for plan in widen_outputs(model_t, plans, named)]
+        kernels[key].layer == plan.layer for key in named) else plan
+        for plan in (widen_outputs(model_t, plans, named) if int16_outputs else plans)]
     named_tflite = bytes(flatbuffer_utils.convert_object_to_bytearray(model_t))
     graph = model_t.subgraphs[0]
     axes = {key: quantized_dimension(model_t, graph.operators[index]) for key, index in named.items()}
