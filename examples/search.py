@@ -53,8 +53,10 @@ flags.DEFINE_bool("download", False, "Let TFDS download and prepare a missing da
 flags.DEFINE_integer("image_size", None, "Input side for TFDS datasets (default: the dataset's own).")
 flags.DEFINE_string("search_space", "int2,int4,int8,e4m3", "Comma-separated formats every supported layer "
                     "chooses among, or a JSON file of a SearchSpace config.")
-flags.DEFINE_enum("cost", "bops", ["bops", "size", "table"], "Cost metric.")
-flags.DEFINE_string("cost_table", None, "JSON cost table for --cost=table.")
+flags.DEFINE_enum("cost", "bops", ["bops", "size", "table", "latency"], "Cost metric; latency: milliseconds on "
+                  "the LiteRT interpreter here, from a table measured on first use and kept in --output_dir.")
+flags.DEFINE_string("cost_table", None, "JSON cost table for --cost=table (or a measured one for --cost=latency).")
+flags.DEFINE_integer("threads", 1, "LiteRT interpreter threads the latency table is measured with.", lower_bound=1)
 flags.DEFINE_string("target", "int4", "Cost target: a number, a format (its uniform cost) or format*factor.")
 flags.DEFINE_float("beta", 1.0, "Weight of the cost term in the reward.")
 flags.DEFINE_enum("cost_credit", None, ["sampled", "exact"], "How the policy learns the cost term: "
@@ -201,7 +203,7 @@ def main(argv):
     import keras
 
     import fliqs_keras
-    from fliqs_keras import cost, export, files, plots
+    from fliqs_keras import cost, export, files, measure, plots
     from fliqs_keras.search import COST_TOLERANCE
 
     named_references = _named_references()
@@ -214,18 +216,25 @@ def main(argv):
         searchable.compile(keras.optimizers.Adam(FLAGS.learning_rate),
                            keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     logging.debug("%s", fliqs_keras.report(searchable))
+    table = FLAGS.cost_table
+    if FLAGS.cost == "latency" and table is None:
+        known = set(output.glob("latency_table_*.json"))
+        table = measure.cached_latency(searchable, output, threads=FLAGS.threads)
+        print(f"{'Using the latency table measured before' if table in known else 'Measured the latency table'} "
+              f"({FLAGS.threads} thread{'s' * (FLAGS.threads > 1)}): {table}", flush=True)
+        table = str(table)
     search = fliqs_keras.FliqsSearch(
         cost=FLAGS.cost, target=_number_or_text(FLAGS.target), beta=FLAGS.beta, validation_data=held,
         learning_rate=FLAGS.policy_learning_rate, entropy_weight=FLAGS.entropy_weight,
         freeze_at=FLAGS.freeze_at, max_cost_ratio=FLAGS.max_cost_ratio, cost_credit=FLAGS.cost_credit,
         warmup_draws=FLAGS.warmup_draws, seed=FLAGS.seed,
-        cost_table=FLAGS.cost_table, log_dir=str(output / "logs" / "policy"), record_every=10)
+        cost_table=table, log_dir=str(output / "logs" / "policy"), record_every=10)
     _fit(searchable, train, [search, keras.callbacks.TensorBoard(str(output / "logs"))])
     accuracy_as_trained = _test_accuracy(searchable, test)
     accuracy = _reestimated_accuracy(searchable, train, test, accuracy_as_trained)
 
     chosen = fliqs_keras.chosen_formats(searchable)
-    costs = cost.CostModel(searchable, FLAGS.cost, FLAGS.cost_table)
+    costs = cost.CostModel(searchable, FLAGS.cost, table)
     sizes = cost.CostModel(searchable, "size")
     budget = search.target * (1 + COST_TOLERANCE)
     references = {}

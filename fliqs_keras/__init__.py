@@ -13,12 +13,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from fliqs_keras import (batch_norm, clipping, controller, cost, export, files, format_state, formats, formats_file,
-                         graph, layers, models, quantizers, search, search_config, search_step, wrapping)
+from fliqs_keras import (batch_norm, clipping, controller, cost, cost_tables, export, files, format_state, formats,
+                         formats_file, graph, layers, measure, models, quantizers, runtime, search, search_config,
+                         search_step, wrapping)
 from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
 from fliqs_keras.search import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat
 from fliqs_keras.layers import AttentionQuantizeWrapper, QuantizeConfig, QuantizeWrapper
+from fliqs_keras.measure import measure_latency, measure_size
 from fliqs_keras.search_config import SearchConfig
 from fliqs_keras.search_model import SearchModel, chosen_formats, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
@@ -29,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig", "QuantizeWrapper",
     "SearchConfig", "SearchModel", "SearchSpace", "__version__", "apply", "batch_norm", "clipping", "controller",
-    "chosen_formats", "cost", "decisions", "export", "files", "format_state", "formats", "formats_file", "graph",
-    "layers", "models", "quantizers", "reestimate_batch_norm", "report", "search", "search_config",
-    "search_step", "searchable_layers", "set_formats", "wrapping",
+    "chosen_formats", "cost", "cost_tables", "decisions", "export", "files", "format_state", "formats", "formats_file",
+    "graph", "layers", "measure", "measure_latency", "measure_size", "models", "quantizers", "reestimate_batch_norm",
+    "report", "runtime", "search", "search_config", "search_step", "searchable_layers", "set_formats", "wrapping",
 ]

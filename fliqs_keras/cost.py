@@ -1,26 +1,26 @@
 """What a searchable model costs in a given assignment of formats.
 
 MACs and parameters per searchable layer from the model's built shapes; BOPs
-(MACs x bits_w x bits_a), weight size, or a per-(layer, format) table.
-`CostModel` holds them as arrays for the compiled step.
+(MACs x bits_w x bits_a), weight size, or a per-(layer, format) table
+(`cost_tables`: given by hand, or measured on LiteRT). `CostModel` holds them
+as arrays for the compiled step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import pathlib
 from typing import Any, Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
-from fliqs_keras import formats, layers
+from fliqs_keras import cost_tables, formats, layers
 from fliqs_keras.graph import attention_parts, call_shapes, walk_layers
 
-METRICS = ("bops", "size", "table")
+METRICS = ("bops", "size", "table", "latency")
+TABLE_METRICS = ("table", "latency")
 FLOAT_BITS = 32
 
 
@@ -130,36 +130,17 @@ def bits(fmt: formats.Format | None) -> int:
     return FLOAT_BITS if fmt is None else fmt.bits
 
 
-def load_table(path: str | pathlib.Path) -> dict[str, dict[str, float]]:
-    """A cost table from JSON: ``{layer path: {format name: cost}}``, validated."""
-    try:
-        table = json.loads(pathlib.Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read cost table {str(path)!r}: {error}") from None
-    if not isinstance(table, dict):
-        raise ValueError(f"Cost table {str(path)!r} must map layer paths to {{format: cost}}.")
-    clean = {}
-    for layer_path, row in table.items():
-        if not isinstance(row, dict) or not row:
-            raise ValueError(f"Cost table {str(path)!r}: entry {layer_path!r} must be a non-empty {{format: cost}}.")
-        clean[layer_path] = {}
-        for name, value in row.items():
-            fmt = formats.get(name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"Cost table {str(path)!r}: {layer_path!r}/{name!r} must be a number >= 0.")
-            clean[layer_path][fmt.name] = float(value)
-    return clean
-
-
 class CostModel:
     """The cost of every assignment of formats to the decisions of a searchable model.
 
     Args:
         model: a model made by `fliqs_keras.apply`.
-        metric: ``"bops"``, ``"size"`` (bits of the quantized weights) or
-            ``"table"`` (needs `table`).
-        table: for ``"table"``: ``{layer path: {format name: cost}}`` or a JSON
-            file of it; the weight format of a layer selects its entry.
+        metric: ``"bops"``, ``"size"`` (bits of the quantized weights),
+            ``"table"`` (needs `table`) or ``"latency"`` (needs a table
+            `measure.measure_latency` measured, in milliseconds).
+        table: for ``"table"`` and ``"latency"``: a `cost_tables.CostTable`,
+            its JSON file, or ``{layer path: {format name: cost}}``; the
+            weight format of a layer selects its entry.
     """
 
     def __init__(self, model: keras.Model, metric: str = "bops", table: Any = None):
@@ -173,17 +154,19 @@ class CostModel:
                                   (entry.activation_decision, entry.activation_choices)):
                 if name is not None:
                     self.decisions.setdefault(name, choices)
-        if metric == "table":
+        if metric in TABLE_METRICS:
             if table is None:
-                raise ValueError("The 'table' cost metric needs table=... (a dict or a JSON file).")
-            self.table = load_table(table) if isinstance(table, (str, pathlib.Path)) else {
-                path: {formats.get(k).name: float(v) for k, v in row.items()} for path, row in table.items()}
-            missing = [e.path for e in self.layers if e.path not in self.table]
+                raise ValueError(f"The {metric!r} cost metric needs table=... (a CostTable, a dict or a JSON file).")
+            self.table = cost_tables.load(table)
+            if metric == "latency" and self.table.unit != "ms":
+                raise ValueError(f"The 'latency' cost metric needs a table in milliseconds "
+                                 f"(measure.measure_latency); this one is in {self.table.unit or 'no unit'!r}.")
+            missing = [e.path for e in self.layers if e.path not in self.table.layers]
             if missing:
                 raise ValueError(f"The cost table has no entry for layers {missing}.")
             # Every pair the search can draw: a missing one would cost NaN in the step and teach nothing.
             lacking = [f"{e.path}/{f.name}" for e in self.layers
-                       for f in (e.weight_choices or (formats.get("fp32"),)) if f.name not in self.table[e.path]]
+                       for f in (e.weight_choices or (formats.get("fp32"),)) if f.name not in self.table.layers[e.path]]
             if lacking:
                 raise ValueError(f"The cost table has no cost for {len(lacking)} (layer, format) pairs the search "
                                  f"can draw: {lacking}.")
@@ -198,9 +181,9 @@ class CostModel:
         if self.metric == "size":
             return entry.params * bits(weight)
         name = (weight or formats.get("fp32")).name
-        if name not in self.table[entry.path]:
+        if name not in self.table.layers[entry.path]:
             raise ValueError(f"The cost table has no cost for layer {entry.path!r} in {name}.")
-        return self.table[entry.path][name]
+        return self.table.layers[entry.path][name]
 
     def cost(self, assignment: Mapping[str, Any]) -> float:
         """The total for ``{decision: format}`` (every decision must be given)."""
@@ -208,36 +191,47 @@ class CostModel:
         missing = set(self.decisions) - set(chosen)
         if missing:
             raise ValueError(f"No format given for decisions {sorted(missing)}.")
+        if self.table is not None:
+            return self.table.cost({e.path: chosen.get(e.weight_decision) or formats.get("fp32") for e in self.layers})
         return float(sum(self.layer_cost(e, chosen.get(e.weight_decision), chosen.get(e.activation_decision))
                          for e in self.layers))
 
     def uniform(self, fmt: Any) -> float:
         """The cost of the model with every searchable layer in `fmt`, whatever its choices."""
         fmt = formats.get(fmt)
+        if self.table is not None:
+            return self.table.cost({e.path: fmt if e.weight_choices else formats.get("fp32") for e in self.layers})
         return float(sum(self.layer_cost(e, fmt if e.weight_choices else None,
                                          fmt if e.activation_choices else None) for e in self.layers))
 
     def bounds(self) -> tuple[float, float]:
-        """The cheapest and dearest cost reachable with the choices of the search space."""
+        """The cheapest and dearest cost reachable with the choices of the search space.
+
+        For a table, the cheaper and dearer of every decision at its
+        cheapest (dearest) layer entry and every uniform assignment: exact
+        for sums of layers, an assignment's true cost where a measured table
+        adds costs between layers.
+        """
+        if self.table is not None:
+            totals = [self.cost(assignment) for assignment in self._table_candidates()]
+            return min(totals), max(totals)
         totals = []
         for pick in (min, max):
-            assignment = {}
-            for name, choices in self.decisions.items():
-                # Every metric grows with the bit width, and decisions add up independently.
-                assignment[name] = pick(choices, key=lambda f: (f.bits, f.name))
-            totals.append(self.cost(assignment) if self.metric != "table" else self._table_extreme(pick))
+            # Every metric grows with the bit width, and decisions add up independently.
+            totals.append(self.cost({name: pick(choices, key=lambda f: (f.bits, f.name))
+                                     for name, choices in self.decisions.items()}))
         return totals[0], totals[1]
 
-    def _table_extreme(self, pick) -> float:
-        best = {}
+    def _table_candidates(self):
+        rows = {}
         for entry in self.layers:
-            options = [self.table[entry.path][f.name] for f in entry.weight_choices if f.name in self.table[entry.path]]
-            if not options:
-                raise ValueError(f"The cost table has no cost for any choice of layer {entry.path!r}.")
-            best[entry.path] = pick(options)
-        if len({e.weight_decision for e in self.layers}) != len(self.layers):
-            raise ValueError("Table costs with decisions shared by several layers are not supported.")
-        return float(sum(best.values()))
+            if entry.weight_decision is not None:
+                rows.setdefault(entry.weight_decision, []).append(self.table.layers[entry.path])
+        for pick in (min, max):
+            yield {name: pick(choices, key=lambda f: sum(row.get(f.name, math.inf) for row in rows.get(name, [])))
+                   for name, choices in self.decisions.items()}
+        for width in range(max(len(choices) for choices in self.decisions.values())):
+            yield {name: choices[min(width, len(choices) - 1)] for name, choices in self.decisions.items()}
 
     def _layer_tables(self, decision_order: list[str]):
         """Per layer: decision positions (-1: float) and per-choice costs, as arrays."""
@@ -249,11 +243,52 @@ class CostModel:
         for name, choices in self.decisions.items():
             bits[position[name], :len(choices)] = [f.bits for f in choices]
         table = np.zeros((len(self.layers), width), np.float32)
-        if self.metric == "table":
+        if self.table is not None:
             for i, e in enumerate(self.layers):
                 for k, f in enumerate(e.weight_choices):
-                    table[i, k] = self.table[e.path].get(f.name, np.nan)
+                    table[i, k] = self.table.layers[e.path].get(f.name, np.nan)
         return weights, activations, bits, table
+
+    def _between_layers(self, chosen_integer):
+        """What a measured table adds to its layers for the integer flags chosen ([..., layers] 0/1 floats).
+
+        The fixed cost, a QUANTIZE where an integer layer reads a float
+        tensor (or the model input) and a DEQUANTIZE where a float layer
+        (or the model output) reads an integer layer's output. A product of
+        probabilities in place of flags gives its expectation when
+        neighbours' decisions are independent.
+        """
+        paths = [e.path for e in self.layers]
+        position = {path: i for i, path in enumerate(paths)}
+        one, zero = len(paths), len(paths) + 1  # padding counts as integer; the model's ends as float
+
+        def neighbour_matrix(neighbours):
+            width = max([len(neighbours.get(p, [])) for p in paths] + [1])
+            matrix = np.full((len(paths), width), one, np.int32)
+            for i, path in enumerate(paths):
+                for j, other in enumerate(neighbours.get(path, [])):
+                    matrix[i, j] = position.get(other, zero)
+            return matrix
+
+        extended = ops.concatenate([chosen_integer, ops.ones_like(chosen_integer[..., :1]),
+                                    ops.zeros_like(chosen_integer[..., :1])], axis=-1)
+        total = ops.convert_to_tensor(float(self.table.fixed))
+        for costs, neighbours in ((self.table.quantize, self.table.producers),
+                                  (self.table.dequantize, self.table.consumers())):
+            if not costs:
+                continue
+            all_integer = ops.prod(ops.take(extended, neighbour_matrix(neighbours), axis=-1), axis=-1)
+            weights = np.array([costs.get(p, 0.0) for p in paths], np.float32)
+            total = total + ops.sum(weights * chosen_integer * (1.0 - all_integer), axis=-1)
+        return total
+
+    def _integer_table(self, width: int) -> np.ndarray:
+        """[layers, width] 1.0 where the layer's weight choice runs on integer inputs in a measured table."""
+        flags = np.zeros((len(self.layers), width), np.float32)
+        for i, e in enumerate(self.layers):
+            for k, f in enumerate(e.weight_choices):
+                flags[i, k] = float(self.table.is_integer(e.path, f.name))
+        return flags
 
     def graph_cost(self, indices, decision_order: list[str]):
         """The cost of choice `indices` ([..., decisions] int, in `decision_order`), in graph ops.
@@ -279,7 +314,8 @@ class CostModel:
         if self.metric == "size":
             return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits, axis=-1)
         # A choice the table lacks stays NaN: no silent zero cost.
-        return ops.sum(ops.where(w_pick > 0, table, 0.0), axis=(-2, -1))
+        layer_sum = ops.sum(ops.where(w_pick > 0, table, 0.0), axis=(-2, -1))
+        return layer_sum + self._between_layers(ops.sum(w_pick * self._integer_table(width), axis=-1))
 
     def expected_cost(self, probabilities, decision_order: list[str]):
         """The cost expected under a policy ([decisions, max choices] probabilities)."""
@@ -300,7 +336,8 @@ class CostModel:
             return ops.sum(macs * ops.where(shared, joint, apart)) + fixed
         if self.metric == "size":
             return ops.sum(np.array([e.params for e in self.layers], np.float32) * ops.sum(w_p * w_bits, axis=1))
-        return ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
+        layer_sum = ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
+        return layer_sum + self._between_layers(ops.sum(w_p * self._integer_table(table.shape[1]), axis=-1))
 
     def target(self, spec: Any) -> float:
         """An absolute target from a number, a format name ("int4": the uniform INT4

@@ -63,7 +63,9 @@ class FliqsSearch(keras.callbacks.Callback):
 
     Args:
         config: the search's settings, or None to build them from `settings`.
-        cost: ``"bops"``, ``"size"`` or ``"table"``.
+        cost: ``"bops"``, ``"size"``, ``"table"`` or ``"latency"``
+            (milliseconds on LiteRT, from a table `measure.measure_latency`
+            measured).
         target: the cost target: a number, a format (``"int4"``: the cost of
             the uniform INT4 model) or a format times a factor (``"int4*1.2"``).
         beta: weight of the cost term in the reward (>= 0).
@@ -111,7 +113,8 @@ class FliqsSearch(keras.callbacks.Callback):
         seed: seed of the format draws.
         total_steps: training steps of the whole run, where Keras cannot tell
             (datasets of unknown length).
-        cost_table: for ``cost="table"``: a dict or JSON file.
+        cost_table: for ``cost="table"`` or ``"latency"``: a
+            `cost_tables.CostTable`, its JSON file or a dict.
         log_dir: where to write per-decision probabilities for TensorBoard.
         record_every: also record the probabilities in `history` every this
             many steps (0: at the start and at the end of every epoch only).

@@ -36,7 +36,7 @@ class SearchConfig:
     """Every setting of a FLIQS search (see `FliqsSearch` for what each does).
 
     Args:
-        cost: ``"bops"``, ``"size"`` or ``"table"``.
+        cost: ``"bops"``, ``"size"``, ``"table"`` or ``"latency"``.
         target: a number, a format (``"int4"``: the cost of the uniform INT4
             model) or a format times a factor (``"int4*1.2"``).
         beta: weight of the cost term in the reward (>= 0).
@@ -55,7 +55,8 @@ class SearchConfig:
         baseline_momentum: of the reward baseline (EMA).
         seed: of the format draws.
         total_steps: training steps, where Keras cannot tell.
-        cost_table: for ``cost="table"``: a JSON file or a dict.
+        cost_table: for ``cost="table"`` or ``"latency"``: a JSON file, a
+            dict or a `cost_tables.CostTable`.
 
     Raises:
         ValueError: naming the first setting that is out of range or unknown.
@@ -84,6 +85,8 @@ class SearchConfig:
     def __post_init__(self):
         if isinstance(self.cost_table, os.PathLike):
             object.__setattr__(self, "cost_table", os.fspath(self.cost_table))
+        if hasattr(self.cost_table, "to_dict"):  # a cost_tables.CostTable: kept as its JSON values, as it is saved
+            object.__setattr__(self, "cost_table", self.cost_table.to_dict())
         if self.quality not in QUALITIES:
             raise ValueError(f"Unknown quality {self.quality!r}; expected one of {QUALITIES}.")
         if not 0 <= self.warmup < 1:

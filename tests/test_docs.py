@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md"))
 # Pages whose Python blocks train for more than a few seconds: they run with the slow tests.
-TRAINING_PAGES = {"README.md", "getting_started.md", "search.md", "export.md", "scale.md"}
+TRAINING_PAGES = {"README.md", "getting_started.md", "search.md", "export.md", "scale.md", "latency.md"}
 
 
 def _blocks(page: pathlib.Path, language: str) -> list[str]:
@@ -66,6 +66,9 @@ def _defined_flags(script: pathlib.Path) -> set[str]:
     text = script.read_text()
     if script.name == "__main__.py":
         text += "".join(p.read_text() for p in script.parent.glob("*.py"))
+    # A benchmark that imports another one's helpers takes its flags too.
+    text += "".join((ROOT / "benchmarks" / f"{name}.py").read_text()
+                    for name in re.findall(r"^from benchmarks import (\w+)", text, re.M))
     names = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', text))
     booleans = set(re.findall(r'flags\.DEFINE_bool\(\s*"(\w+)"', text))
     # absl's own flags, and the negated form of every boolean.
