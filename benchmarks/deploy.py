@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import statistics
 import tempfile
 import time
 
@@ -179,32 +178,16 @@ def _file_stats(content: bytes) -> dict:
             "kernel_bytes": kernels}
 
 
-def _latency(contents: dict[str, bytes], example) -> dict[str, dict[str, dict[str, float]]]:
-    """{file: {threads: {median_ms, p25_ms, p75_ms}}}: each round invokes every file once, in a rotating order."""
-    import numpy as np
-    from ai_edge_litert import interpreter
+def _latency(contents: dict[str, bytes]) -> dict[str, dict[str, dict[str, float]]]:
+    """{file: {threads: {median_ms, p25_ms, p75_ms}}}: a model's files timed interleaved (`runtime.time_files`)."""
+    from fliqs_keras import runtime
 
     result = {name: {} for name in contents}
     for threads in THREADS:
-        runners = {}
-        for name, content in contents.items():
-            runner = interpreter.Interpreter(model_content=content, num_threads=threads)
-            runner.allocate_tensors()
-            runner.set_tensor(runner.get_input_details()[0]["index"], example[None].astype(np.float32))
-            for _ in range(FLAGS.warmup_invokes):
-                runner.invoke()
-            runners[name] = runner
-        times = {name: [] for name in contents}
-        names = list(contents)
-        for round_index in range(FLAGS.invokes):
-            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-                start = time.perf_counter()
-                runners[name].invoke()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        for name, samples in times.items():
-            quartiles = statistics.quantiles(samples, n=4)
-            result[name][str(threads)] = {"median_ms": statistics.median(samples), "p25_ms": quartiles[0],
-                                          "p75_ms": quartiles[2]}
+        timings = runtime.time_files(contents, threads=threads, invokes=FLAGS.invokes, warmup=FLAGS.warmup_invokes)
+        for name, timing in timings.items():
+            result[name][str(threads)] = {"median_ms": timing.median_ms, "p25_ms": timing.p25_ms,
+                                          "p75_ms": timing.p75_ms}
     return result
 
 
@@ -269,7 +252,7 @@ def run_model(name: str, directory: pathlib.Path) -> dict:
         logging.info("%s %s: %s", name, label, result.summary())
     for label, content in contents.items():
         files[label].update(_file_stats(content))
-    for label, timing in _latency(contents, held_out[0][0]).items():
+    for label, timing in _latency(contents).items():
         files[label]["latency"] = timing
     return {"input_size": size, "params": int(float_model.count_params()), "files": files}
 
@@ -330,29 +313,36 @@ def plot(results: dict, path: pathlib.Path):
     figure.savefig(path, dpi=110)
 
 
-def main(argv):
-    del argv
-    import fliqs_keras  # noqa: F401  (quiets TensorFlow before Keras starts)
+def run_models(known, run_model, checks, plot, settings: dict, stem: str):
+    """Runs `run_model` on each of --models, writing <stem>.json and <stem>.png to --output_dir after each.
+
+    A later model's failure does not lose the earlier ones. Logs every target at the end.
+    """
     from fliqs_keras import files
 
-    unknown = sorted(set(FLAGS.models) - set(SIZES))
+    unknown = sorted(set(FLAGS.models) - set(known))
     if not FLAGS.models or unknown:
-        raise app.UsageError(f"--models: unknown {unknown or 'none given'}; known: {sorted(SIZES)}.")
+        raise app.UsageError(f"--models: unknown {unknown or 'none given'}; known: {sorted(known)}.")
     output = pathlib.Path(FLAGS.output_dir)
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         for name in FLAGS.models:
             results[name] = run_model(name, pathlib.Path(directory))
-            # Written after every model: a later model's failure does not lose the earlier ones.
-            report = {"models": results, "targets": checks(results),
-                      "settings": {"train_examples": FLAGS.train_examples,
-                                   "agreement_inputs": FLAGS.agreement_inputs, "invokes": FLAGS.invokes,
-                                   "threads": list(THREADS), "uniform": UNIFORM, "search_space": SEARCH_SPACE,
-                                   "search_target": SEARCH_TARGET}}
-            files.write_text(output / "deploy.json", json.dumps(report, indent=1))
-            plot(results, output / "deploy.png")
+            report = {"models": results, "targets": checks(results), "settings": settings}
+            files.write_text(output / f"{stem}.json", json.dumps(report, indent=1))
+            plot(results, output / f"{stem}.png")
     for key, value in report["targets"].items():
         logging.info("%s: %s (bound %s) %s", key, value["value"], value["bound"], "met" if value["met"] else "MISSED")
+
+
+def main(argv):
+    del argv
+    import fliqs_keras  # noqa: F401  (quiets TensorFlow before Keras starts)
+
+    run_models(SIZES, run_model, checks, plot, {
+        "train_examples": FLAGS.train_examples, "agreement_inputs": FLAGS.agreement_inputs, "invokes": FLAGS.invokes,
+        "threads": list(THREADS), "uniform": UNIFORM, "search_space": SEARCH_SPACE, "search_target": SEARCH_TARGET},
+        "deploy")
 
 
 if __name__ == "__main__":
