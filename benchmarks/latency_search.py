@@ -99,11 +99,12 @@ def run_model(name: str, directory: pathlib.Path) -> dict:
     files["float"] = deploy._predictions(contents["float"], float_model, held_out)
     for label, searchable in models.items():
         path = directory / f"{name}_{label.replace(' ', '_')}.tflite"
-        export.to_tflite(searchable, path, held_out[0], verify_samples=len(held_out[0]), min_agreement=0.0)
+        result = export.to_tflite(searchable, path, held_out[0], verify_samples=len(held_out[0]), min_agreement=0.0)
         contents[label] = path.read_bytes()
-        chosen = fliqs_keras.chosen_formats(searchable)
-        files[label] = {**deploy._predictions(contents[label], searchable, held_out), "formats": chosen,
-                        "predicted_ms": latency_costs.cost(chosen), "bops": bops_costs.cost(chosen)}
+        # By layer: the uniform models' decisions are named apart from the template's.
+        weights = {plan.layer: plan.weight_format for plan in result.layers}
+        files[label] = {**deploy._predictions(contents[label], searchable, held_out), "formats": weights,
+                        "predicted_ms": table.cost(weights), "bops": cost.bops(searchable)}
     rng = np.random.default_rng(1234)
     choices = fliqs_keras.decisions(template)
     random_policies = [{n: c[int(rng.integers(len(c)))].name for n, c in choices.items()}
@@ -163,13 +164,14 @@ def plot(results: dict, path: pathlib.Path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
-    styles = {"float": ("k", "s"), "uniform": ("0.4", "D"), "bops": ("tab:orange", "o"), "latency": ("tab:blue", "^")}
+    styles = {"float": ("k", "s"), "uniform int8": ("0.4", "D"), "uniform int4": ("0.4", "v"),
+              "bops": ("tab:orange", "o"), "latency": ("tab:blue", "^")}
     for axis, (model, result) in zip(axes[0], results.items()):
         seen = set()
         for label, f in result["files"].items():
             if "accuracy" not in f:
                 continue
-            kind = label.split()[0]
+            kind = label if label.startswith("uniform") else label.split()[0]
             color, marker = styles[kind]
             name = {"bops": "BOPs search", "latency": "latency search"}.get(kind, label)
             axis.scatter(f["measured_at_table_speed_ms"], f["accuracy"], color=color, marker=marker,

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import time
 from typing import Any, Mapping
 
 import keras
@@ -257,11 +258,14 @@ def measure_latency(model: keras.Model, *, threads: int = 1, invokes: int = 30, 
             once, or dynamic shapes.
     """
     model = _checked(model)
+    started = time.perf_counter()
     producers, outputs = _neighbours(model)
     order, cut = _cuts(model, outputs, progress, seed)
+    exported = time.perf_counter()
     # The first calibration policy is the reference, timed beside every layer as the yardstick.
     policies = calibration_policies(model, calibration, seed)
     wholes, empty = whole_files(model, policies, seed), _empty_file()
+    whole = time.perf_counter()
     groups = {}
     bar = keras.utils.Progbar(len(cut), verbose=1 if progress else 0, unit_name="layer timed")
     for key, layer in cut.items():
@@ -293,6 +297,9 @@ def measure_latency(model: keras.Model, *, threads: int = 1, invokes: int = 30, 
     times = runtime.time_files({f"policy/{i}": content for i, content in enumerate(wholes)}, threads=threads,
                                invokes=invokes, warmup=warmup, seed=seed)
     measured = [times[f"policy/{i}"].median_ms * nominal / times["policy/0"].median_ms for i in range(len(wholes))]
+    logging.info("measure_latency: %d files of %d distinct layers exported in %.0f s, %d whole files in %.0f s, "
+                 "all timed in %.0f s", sum(len(c.files) for c in cut.values()), len(cut), exported - started,
+                 len(wholes), whole - exported, time.perf_counter() - whole)
     return _fit_context(model, alone, policies, measured)
 
 
