@@ -170,6 +170,7 @@ class CostModel:
             if lacking:
                 raise ValueError(f"The cost table has no cost for {len(lacking)} (layer, format) pairs the search "
                                  f"can draw: {lacking}.")
+            self._integer, self._conversions = self._conversion_arrays()
         else:
             self.table = None
 
@@ -249,46 +250,52 @@ class CostModel:
                     table[i, k] = self.table.layers[e.path].get(f.name, np.nan)
         return weights, activations, bits, table
 
-    def _between_layers(self, chosen_integer):
-        """What a measured table adds to its layers for the integer flags chosen ([..., layers] 0/1 floats).
+    def _conversion_arrays(self):
+        """A measured table's conversions as arrays, built once: the integer flags and, per kind, its costs and neighbours.
 
-        The fixed cost, a QUANTIZE where an integer layer reads a float
-        tensor (or the model input) and a DEQUANTIZE where a float layer
-        (or the model output) reads an integer layer's output. A product of
-        probabilities in place of flags gives its expectation when
-        neighbours' decisions are independent.
+        Returns ``[layers, width]`` 1.0 where a layer's weight choice runs on
+        integer inputs, and ``[(costs [layers], neighbours [layers, n])]`` for
+        the QUANTIZE (neighbours: producers) and the DEQUANTIZE (consumers);
+        a neighbour indexes the layers, then a padding column that counts as
+        integer, then the model's ends, which count as float.
         """
         paths = [e.path for e in self.layers]
         position = {path: i for i, path in enumerate(paths)}
-        one, zero = len(paths), len(paths) + 1  # padding counts as integer; the model's ends as float
-
-        def neighbour_matrix(neighbours):
-            width = max([len(neighbours.get(p, [])) for p in paths] + [1])
-            matrix = np.full((len(paths), width), one, np.int32)
-            for i, path in enumerate(paths):
-                for j, other in enumerate(neighbours.get(path, [])):
-                    matrix[i, j] = position.get(other, zero)
-            return matrix
-
-        extended = ops.concatenate([chosen_integer, ops.ones_like(chosen_integer[..., :1]),
-                                    ops.zeros_like(chosen_integer[..., :1])], axis=-1)
-        total = ops.convert_to_tensor(float(self.table.fixed))
+        one, zero = len(paths), len(paths) + 1
+        width = max(len(choices) for choices in self.decisions.values())
+        integer = np.zeros((len(paths), width), np.float32)
+        for i, e in enumerate(self.layers):
+            for k, f in enumerate(e.weight_choices):
+                integer[i, k] = float(self.table.is_integer(e.path, f.name))
+        conversions = []
         for costs, neighbours in ((self.table.quantize, self.table.producers),
                                   (self.table.dequantize, self.table.consumers())):
             if not costs:
                 continue
-            all_integer = ops.prod(ops.take(extended, neighbour_matrix(neighbours), axis=-1), axis=-1)
-            weights = np.array([costs.get(p, 0.0) for p in paths], np.float32)
-            total = total + ops.sum(weights * chosen_integer * (1.0 - all_integer), axis=-1)
-        return total
+            matrix = np.full((len(paths), max([len(neighbours.get(p, [])) for p in paths] + [1])), one, np.int32)
+            for i, path in enumerate(paths):
+                for j, other in enumerate(neighbours.get(path, [])):
+                    matrix[i, j] = position.get(other, zero)
+            conversions.append((np.array([costs.get(p, 0.0) for p in paths], np.float32), matrix))
+        return integer, conversions
 
-    def _integer_table(self, width: int) -> np.ndarray:
-        """[layers, width] 1.0 where the layer's weight choice runs on integer inputs in a measured table."""
-        flags = np.zeros((len(self.layers), width), np.float32)
-        for i, e in enumerate(self.layers):
-            for k, f in enumerate(e.weight_choices):
-                flags[i, k] = float(self.table.is_integer(e.path, f.name))
-        return flags
+    def _between_layers(self, picks):
+        """What a measured table adds to its layers for the weight choices `picks` ([..., layers, width] one-hot).
+
+        The fixed cost, a QUANTIZE where an integer layer reads a float
+        tensor (or the model input) and a DEQUANTIZE where a float layer
+        (or the model output) reads an integer layer's output. Probabilities
+        in place of one-hot picks give its expectation when neighbours'
+        decisions are independent.
+        """
+        chosen_integer = ops.sum(picks * self._integer, axis=-1)
+        extended = ops.concatenate([chosen_integer, ops.ones_like(chosen_integer[..., :1]),
+                                    ops.zeros_like(chosen_integer[..., :1])], axis=-1)
+        total = ops.convert_to_tensor(float(self.table.fixed))
+        for costs, neighbours in self._conversions:
+            all_integer = ops.prod(ops.take(extended, neighbours, axis=-1), axis=-1)
+            total = total + ops.sum(costs * chosen_integer * (1.0 - all_integer), axis=-1)
+        return total
 
     def graph_cost(self, indices, decision_order: list[str]):
         """The cost of choice `indices` ([..., decisions] int, in `decision_order`), in graph ops.
@@ -315,7 +322,7 @@ class CostModel:
             return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits, axis=-1)
         # A choice the table lacks stays NaN: no silent zero cost.
         layer_sum = ops.sum(ops.where(w_pick > 0, table, 0.0), axis=(-2, -1))
-        return layer_sum + self._between_layers(ops.sum(w_pick * self._integer_table(width), axis=-1))
+        return layer_sum + self._between_layers(w_pick)
 
     def expected_cost(self, probabilities, decision_order: list[str]):
         """The cost expected under a policy ([decisions, max choices] probabilities)."""
@@ -337,7 +344,7 @@ class CostModel:
         if self.metric == "size":
             return ops.sum(np.array([e.params for e in self.layers], np.float32) * ops.sum(w_p * w_bits, axis=1))
         layer_sum = ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
-        return layer_sum + self._between_layers(ops.sum(w_p * self._integer_table(table.shape[1]), axis=-1))
+        return layer_sum + self._between_layers(w_p)
 
     def target(self, spec: Any) -> float:
         """An absolute target from a number, a format name ("int4": the uniform INT4
