@@ -1,6 +1,6 @@
-"""The one home of the current and the kept format of every decision.
+"""The one home of the current and the kept choice of every decision: formats, and architecture choices.
 
-Layers read their format index from a `FormatState`; `chosen_formats`, `report`, the
+Layers read their choice index from a `FormatState`; `chosen_formats`, `report`, the
 cost, the formats file and the export read the same state through them, and
 `set_formats` and the search step write it. A `SearchModel` owns one state for
 all its decisions; a wrapper used alone keeps a private one.
@@ -14,15 +14,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from fliqs_keras import formats
+from fliqs_keras import architecture
 
 
 @keras.saving.register_keras_serializable(package="fliqs_keras")
 class FormatState(keras.layers.Layer):
-    """The format index each decision holds now (`current`) and the one a search keeps (`kept`).
+    """The choice index each decision holds now (`current`) and the one a search keeps (`kept`).
 
     Args:
-        decisions: ``{decision: [format names]}`` in decision order.
+        decisions: ``{decision: [format or architecture choice names]}`` in decision order.
 
     Raises:
         ValueError: for no decisions, or a decision without choices.
@@ -32,7 +32,7 @@ class FormatState(keras.layers.Layer):
         super().__init__(**kwargs)
         if not decisions:
             raise ValueError("A FormatState needs at least one decision.")
-        self.choices = {str(name): tuple(formats.get(f) for f in fmts) for name, fmts in decisions.items()}
+        self.choices = {str(name): tuple(architecture.choice(f) for f in fmts) for name, fmts in decisions.items()}
         for name, fmts in self.choices.items():
             if not fmts:
                 raise ValueError(f"Decision {name!r} has no format choices.")
@@ -75,7 +75,7 @@ class FormatState(keras.layers.Layer):
 
     def choice_index(self, decision: str, fmt: Any) -> int:
         """The index of `fmt` among the choices of `decision`; ValueError naming both when absent."""
-        fmt = formats.get(fmt)
+        fmt = architecture.choice(fmt)
         choices = self.choices[self.names[self.position(decision)]]
         if fmt not in choices:
             raise ValueError(f"Decision {decision!r}: {fmt.name} is not among its choices "
@@ -86,8 +86,8 @@ class FormatState(keras.layers.Layer):
         """The choice index each decision holds now, as a NumPy array."""
         return np.asarray(keras.ops.convert_to_numpy(self.current.value), np.int32)
 
-    def formats(self) -> dict[str, formats.Format]:
-        """The format each decision holds now."""
+    def formats(self) -> dict[str, architecture.Choice]:
+        """The format (or architecture choice) each decision holds now."""
         return {name: self.choices[name][int(i)] for name, i in zip(self.names, self.current_indices())}
 
     def keep(self, indices=None):
