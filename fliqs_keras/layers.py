@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from fliqs_keras import clipping, format_state, formats, quantizers
+from fliqs_keras import blocks, clipping, format_state, formats, quantizers
 
 ACTIVATION_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Candidate clip fractions of max |x| for the running activation clips."""
@@ -88,6 +88,8 @@ DEFAULT_CONFIGS: dict[type, QuantizeConfig] = {
     keras.layers.Dense: QuantizeConfig({"kernel": -1}),
     keras.layers.EinsumDense: QuantizeConfig({"kernel": -1}),
     keras.layers.MultiHeadAttention: QuantizeConfig(_ATTENTION_WEIGHTS),
+    blocks.MaskedConv2D: QuantizeConfig({"kernel": -1}),
+    blocks.MaskedDepthwiseConv2D: QuantizeConfig({"kernel": 2}),
 }
 """The layer types searched by default (exact types: a subclass may change `call`)."""
 
@@ -318,7 +320,11 @@ class _SearchableWrapper(keras.layers.Wrapper):
 
     def _as_matrix(self, path, weight):
         channels = self.quantize_config.channels(path, weight.shape)
-        return ops.reshape(ops.convert_to_tensor(weight), (-1, channels))
+        weight = ops.convert_to_tensor(weight)
+        if blocks.is_architecture(self.layer):
+            # Only the part the chosen architecture uses sets the scale: a plain layer of that shape gets the same one.
+            weight = self.layer.active_weight(path, weight)
+        return ops.reshape(weight, (-1, channels))
 
     def _quantized_weights(self):
         if not self.weight_formats:
@@ -405,6 +411,9 @@ class _SearchableWrapper(keras.layers.Wrapper):
         # A scope hides the one around it (JAX's training step maps every variable in one), so the
         # layer's other variables are mapped to the values they have there.
         others = [(v, v.value) for v in self.layer.variables if id(v) not in replaced]
+        if blocks.is_architecture(self.layer):
+            # It reads its architecture choices from the format state inside the scope too.
+            others += [(v, v.value) for v in self._format_state.variables]
         with keras.StatelessScope(state_mapping=quantized + others):
             return self.layer(*args, **kwargs)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import keras
 
-from fliqs_keras import formats, layers
+from fliqs_keras import architecture, blocks, layers
 from fliqs_keras.controller import Controller
 from fliqs_keras.format_state import FormatState
 from fliqs_keras.graph import walk_layers
@@ -22,17 +22,51 @@ def searchable_layers(model: keras.Model) -> list:
     return [layer for _, layer in walk_layers(model) if layers.is_searchable(layer)]
 
 
-def decisions(model: keras.Model) -> dict[str, tuple[formats.Format, ...]]:
-    """Every decision of a searchable model with its choices, in layer order."""
+def architecture_layers(model: keras.Model) -> list:
+    """Every layer of `model` that reads an architecture decision (inside wrappers too), in layer order."""
+    found = []
+    for _, layer in walk_layers(model):
+        inner = layer.layer if layers.is_searchable(layer) else layer
+        if blocks.is_architecture(inner):
+            found.append(inner)
+    return found
+
+
+def format_decisions(model: keras.Model) -> dict[str, tuple]:
+    """The format decisions of a searchable model with their choices, in layer order."""
     result = {}
     for wrapper in searchable_layers(model):
         result.update(wrapper.decisions)
     return result
 
 
+def decisions(model: keras.Model) -> dict[str, tuple[architecture.Choice, ...]]:
+    """Every decision of a searchable model (formats, then any architecture choices) with its choices.
+
+    Raises:
+        ValueError: when layers give one decision different choices.
+    """
+    result = format_decisions(model)
+    for layer in architecture_layers(model):
+        for name, choices in layer.decisions.items():
+            if result.setdefault(name, choices) != choices:
+                raise ValueError(f"Decision {name!r} of layer {layer.name!r} has choices "
+                                 f"{[c.name for c in choices]}, elsewhere {[c.name for c in result[name]]}.")
+    return result
+
+
+def check_plain(model: keras.Model, what: str):
+    """Raises ValueError when `model` still has architecture decisions, which `what` cannot take."""
+    found = architecture_layers(model)
+    if found:
+        raise ValueError(f"{what} needs a plain architecture, but model {model.name!r} still searches one "
+                         f"(layer {found[0].name!r}): export the chosen one first, "
+                         "fliqs_keras.export.chosen_architecture(model).")
+
+
 @keras.saving.register_keras_serializable(package="fliqs_keras")
 class SearchModel(keras.Model):
-    """A Functional model of searchable layers with its format policy.
+    """A Functional model of searchable layers (formats, and any architecture choices) with its policy.
 
     Built by `fliqs_keras.apply`; constructed like a Functional model
     (``SearchModel(inputs, outputs)``), which is also how it is revived.
@@ -46,8 +80,8 @@ class SearchModel(keras.Model):
         self.decision_names = list(choices)
         self.format_state = FormatState({name: [f.name for f in fmts] for name, fmts in choices.items()},
                                         name="fliqs_formats")
-        for wrapper in searchable_layers(self):
-            wrapper.bind_formats(self.format_state)
+        for layer in searchable_layers(self) + architecture_layers(self):
+            layer.bind_formats(self.format_state)
         self.controller = Controller([len(choices[name]) for name in self.decision_names], name="fliqs_controller")
         self.search_step = None
         self.search_config = None  # the settings of the last search, saved with the model

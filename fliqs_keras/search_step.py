@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
+from fliqs_keras import architecture
 from fliqs_keras import controller as controller_lib
 from fliqs_keras import graph
 from fliqs_keras.cost import CostModel
@@ -20,14 +21,14 @@ from fliqs_keras.search_model import SearchModel, decisions
 
 
 def _draw_order(model: SearchModel) -> tuple[np.ndarray, np.ndarray]:
-    """Per decision and choice, how many of the decision's bit widths are wider (0: the widest; the
-    largest int32 beyond its choices), and per decision its number of distinct widths."""
+    """Per decision and choice, how many of the decision's bit widths (architecture sizes) are wider (0: the
+    widest; the largest int32 beyond its choices), and per decision its number of distinct widths."""
     choices = decisions(model)
     narrowness = np.full(model.controller.valid.shape, np.iinfo(np.int32).max, np.int32)
     widths = np.ones(len(model.decision_names), np.float32)
     for row, name in enumerate(model.decision_names):
-        ordered = sorted({f.bits for f in choices[name]}, reverse=True)
-        narrowness[row, :len(choices[name])] = [ordered.index(f.bits) for f in choices[name]]
+        ordered = sorted({architecture.rank(f) for f in choices[name]}, reverse=True)
+        narrowness[row, :len(choices[name])] = [ordered.index(architecture.rank(f)) for f in choices[name]]
         widths[row] = len(ordered)
     return narrowness, widths
 

@@ -12,7 +12,7 @@ from typing import Any
 import keras
 from absl import logging
 
-from fliqs_keras import formats, layers, formats_file
+from fliqs_keras import blocks, formats, layers, formats_file
 from fliqs_keras.graph import is_graph_model, walk_layers
 from fliqs_keras.search_model import SearchModel, decisions, searchable_layers
 from fliqs_keras.search_space import SearchSpace
@@ -24,7 +24,7 @@ class LayerReport:
 
     path: str
     layer_type: str
-    status: str  # "searched", "fixed", "float" or "skipped"
+    status: str  # "searched", "fixed", "float", "skipped" or "architecture" (a mask or skip of a searched block)
     weight_formats: tuple[str, ...] = ()
     activation_formats: tuple[str, ...] = ()
     decisions: tuple[str, ...] = ()
@@ -52,7 +52,8 @@ class Report:
     def __str__(self) -> str:
         width = max([len(e.path) for e in self.layers] + [5])
         type_width = max([len(e.layer_type) for e in self.layers] + [4])
-        lines = [f"{'layer':<{width}}  {'type':<{type_width}}  {'status':<10}details"]
+        status_width = max([len(e.status) for e in self.layers] + [8]) + 2
+        lines = [f"{'layer':<{width}}  {'type':<{type_width}}  {'status':<{status_width}}details"]
         for e in self.layers:
             if e.status in ("searched", "fixed"):
                 detail = "formats " + ", ".join(e.weight_formats or ("float",))
@@ -63,7 +64,7 @@ class Report:
                     detail += f"; now {', '.join(e.current)}"
             else:
                 detail = e.reason
-            lines.append(f"{e.path:<{width}}  {e.layer_type:<{type_width}}  {e.status:<10}{detail}")
+            lines.append(f"{e.path:<{width}}  {e.layer_type:<{type_width}}  {e.status:<{status_width}}{detail}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -96,10 +97,16 @@ def _skip_reason(layer: keras.layers.Layer) -> str:
         return "batch norm: no op of its own to quantize (it folds into the preceding layer at export)"
     if isinstance(layer, keras.layers.LayerNormalization):
         return "layer norm: statistics of its input, not a product with weights; it runs in float"
+    if blocks.is_architecture(layer):
+        return "architecture choice " + ", ".join(layer.decisions)
     if not layer.weights:
         return "no weights to quantize"
     return (f"unsupported layer type {type(layer).__name__}; supported: "
             f"{', '.join(sorted(t.__name__ for t in layers.DEFAULT_CONFIGS))}")
+
+
+def _status(layer: keras.layers.Layer) -> str:
+    return "architecture" if blocks.is_architecture(layer) else "skipped"
 
 
 def _plan(model: keras.Model, space: SearchSpace):
@@ -117,7 +124,7 @@ def _plan(model: keras.Model, space: SearchSpace):
                 )
             if rule is not None:
                 used_rules.add(rule.key)
-            entries.append(LayerReport(path, layer_type, "skipped", reason=_skip_reason(layer)))
+            entries.append(LayerReport(path, layer_type, _status(layer), reason=_skip_reason(layer)))
             continue
         resolution = space.resolve(layer.name, layer_type)
         policy = layer.dtype_policy
@@ -281,7 +288,7 @@ def report(model: keras.Model) -> Report:
                     tuple(f.name for f in layer.weight_formats), tuple(f.name for f in layer.activation_formats),
                     tuple(layer.decisions)))
             else:
-                entries.append(LayerReport(path, type(layer).__name__, "skipped", reason=_skip_reason(layer)))
+                entries.append(LayerReport(path, type(layer).__name__, _status(layer), reason=_skip_reason(layer)))
         stored = Report(entries, [])
     current = {path: tuple(f.name for f in w.current_formats().values()) for path, w in wrappers.items()}
     return Report([dataclasses.replace(e, current=current[e.path]) if e.path in current else e
