@@ -1,22 +1,24 @@
-"""What a searchable model costs in a given assignment of formats.
+"""What a searchable model costs in a given assignment of formats (and architecture choices).
 
 MACs and parameters per searchable layer from the model's built shapes; BOPs
 (MACs x bits_w x bits_a), weight size, or a per-(layer, format) table
-(`cost_tables`: given by hand, or measured on LiteRT). `CostModel` holds them
-as arrays for the compiled step.
+(`cost_tables`: given by hand, or measured on LiteRT). A layer of a searched
+architecture counts only the part its choices use (`architecture.CostFactor`).
+`CostModel` holds them as arrays for the compiled step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Any, Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
-from fliqs_keras import cost_tables, formats, layers
+from fliqs_keras import architecture, blocks, cost_tables, formats, layers
 from fliqs_keras.graph import attention_parts, call_shapes, walk_layers
 
 METRICS = ("bops", "size", "table", "latency")
@@ -37,6 +39,15 @@ class LayerCost:
     activation_decision: str | None
     weight_choices: tuple[formats.Format, ...]
     activation_choices: tuple[formats.Format, ...]
+    # MACs and params are at the largest architecture; each factor scales them by the part a choice uses.
+    factors: tuple[architecture.CostFactor, ...] = ()
+
+    def scale(self, chosen: Mapping[str, Any] | None = None) -> Fraction:
+        """The part of the layer that architecture choices ``{decision: choice}`` use (1: the largest, None)."""
+        result = Fraction(1)
+        for factor in self.factors:
+            result *= factor.fraction(chosen[factor.decision]) if chosen is not None else max(factor.fractions)
+        return result
 
 
 def _node_shapes(layer) -> list[tuple[list, list]]:
@@ -112,11 +123,15 @@ def layer_costs(model: keras.Model) -> list[LayerCost]:
             else:
                 macs += _kernel_macs(inner, input_shapes[0], output_shapes[0])
         params = sum(int(np.prod(v.shape)) for _, v in layer.quantize_config.get_weights(inner))
+        factors = tuple(inner.cost_factors()) if blocks.is_architecture(inner) else ()
+        if len({f.decision for f in factors}) != len(factors):
+            raise ValueError(f"Layer {path!r}: one architecture decision sets two of its dimensions; its cost "
+                             "would not be a product of independent factors.")
         result.append(LayerCost(
             path, type(inner).__name__, macs, params, fixed,
             layer.weight_decision if layer.weight_formats else None,
             layer.activation_decision if layer.activation_formats else None,
-            layer.weight_formats, layer.activation_formats))
+            layer.weight_formats, layer.activation_formats, factors))
     if not result:
         raise ValueError(
             f"Model {model.name!r} has no searchable layers: cost is counted for models made by "
@@ -154,6 +169,13 @@ class CostModel:
                                   (entry.activation_decision, entry.activation_choices)):
                 if name is not None:
                     self.decisions.setdefault(name, choices)
+        self.architecture: dict[str, tuple[architecture.ArchitectureChoice, ...]] = {}
+        for entry in self.layers:
+            for factor in entry.factors:
+                self.architecture.setdefault(factor.decision, factor.choices)
+        if metric in TABLE_METRICS and self.architecture:
+            raise ValueError(f"The {metric!r} cost keys a layer by its format only, and this model also searches "
+                             f"its architecture ({len(self.architecture)} decisions); search it in 'bops' or 'size'.")
         if metric in TABLE_METRICS:
             if table is None:
                 raise ValueError(f"The {metric!r} cost metric needs table=... (a CostTable, a dict or a JSON file).")
@@ -175,30 +197,33 @@ class CostModel:
             self.table = None
 
     def layer_cost(self, entry: LayerCost, weight: formats.Format | None,
-                   activation: formats.Format | None) -> float:
-        """The cost of one layer with its weights in `weight` and its inputs in `activation` (None: float)."""
+                   activation: formats.Format | None, chosen: Mapping[str, Any] | None = None) -> float:
+        """The cost of one layer with its weights in `weight` and its inputs in `activation` (None: float).
+
+        `chosen` gives its architecture choices ``{decision: choice}``; None: the largest.
+        """
         if self.metric == "bops":
-            return entry.macs * bits(weight) * bits(activation) + entry.fixed_bops
+            return float(entry.macs * entry.scale(chosen) * bits(weight) * bits(activation) + entry.fixed_bops)
         if self.metric == "size":
-            return entry.params * bits(weight)
+            return float(entry.params * entry.scale(chosen) * bits(weight))
         name = (weight or formats.get("fp32")).name
         if name not in self.table.layers[entry.path]:
             raise ValueError(f"The cost table has no cost for layer {entry.path!r} in {name}.")
         return self.table.layers[entry.path][name]
 
     def cost(self, assignment: Mapping[str, Any]) -> float:
-        """The total for ``{decision: format}`` (every decision must be given)."""
-        chosen = {name: formats.get(fmt) for name, fmt in assignment.items()}
-        missing = set(self.decisions) - set(chosen)
+        """The total for ``{decision: format or architecture choice}`` (every decision must be given)."""
+        chosen = {name: architecture.choice(fmt) for name, fmt in assignment.items()}
+        missing = (set(self.decisions) | set(self.architecture)) - set(chosen)
         if missing:
             raise ValueError(f"No format given for decisions {sorted(missing)}.")
         if self.table is not None:
             return self.table.cost({e.path: chosen.get(e.weight_decision) or formats.get("fp32") for e in self.layers})
-        return float(sum(self.layer_cost(e, chosen.get(e.weight_decision), chosen.get(e.activation_decision))
+        return float(sum(self.layer_cost(e, chosen.get(e.weight_decision), chosen.get(e.activation_decision), chosen)
                          for e in self.layers))
 
     def uniform(self, fmt: Any) -> float:
-        """The cost of the model with every searchable layer in `fmt`, whatever its choices."""
+        """The cost of the model with every searchable layer in `fmt`, whatever its choices (at its largest architecture)."""
         fmt = formats.get(fmt)
         if self.table is not None:
             return self.table.cost({e.path: fmt if e.weight_choices else formats.get("fp32") for e in self.layers})
@@ -218,9 +243,10 @@ class CostModel:
             return min(totals), max(totals)
         totals = []
         for pick in (min, max):
-            # Every metric grows with the bit width, and decisions add up independently.
-            totals.append(self.cost({name: pick(choices, key=lambda f: (f.bits, f.name))
-                                     for name, choices in self.decisions.items()}))
+            # Every metric grows with the bit width and with each architecture size, and each layer's
+            # cost is a product of one factor per decision.
+            totals.append(self.cost({name: pick(choices, key=lambda f: (architecture.rank(f), f.name))
+                                     for name, choices in {**self.decisions, **self.architecture}.items()}))
         return totals[0], totals[1]
 
     def _table_candidates(self):
@@ -237,7 +263,7 @@ class CostModel:
     def _layer_tables(self, decision_order: list[str]):
         """Per layer: decision positions (-1: float) and per-choice costs, as arrays."""
         position = {name: i for i, name in enumerate(decision_order)}
-        width = max(len(choices) for choices in self.decisions.values())
+        width = self._width()
         weights = np.array([position.get(e.weight_decision, -1) for e in self.layers], np.int32)
         activations = np.array([position.get(e.activation_decision, -1) for e in self.layers], np.int32)
         bits = np.full((len(decision_order) + 1, width), float(FLOAT_BITS), np.float32)
@@ -249,6 +275,28 @@ class CostModel:
                 for k, f in enumerate(e.weight_choices):
                     table[i, k] = self.table.layers[e.path].get(f.name, np.nan)
         return weights, activations, bits, table
+
+    def _width(self) -> int:
+        """The most choices of any decision: the width of the controller's rows."""
+        return max([len(choices) for choices in {**self.decisions, **self.architecture}.values()])
+
+    def _architecture_scale(self, picks, decision_order: list[str]):
+        """Per layer, the part its architecture choices use, from `picks` ([..., decisions + 1, width]: one-hot
+        choices or probabilities, the last row picking choice 0)."""
+        if not self.architecture:
+            return 1.0
+        position = {name: i for i, name in enumerate(decision_order)}
+        slots = max(len(e.factors) for e in self.layers)
+        width = self._width()
+        rows = np.full((len(self.layers), slots), len(decision_order), np.int32)  # the last row: no factor
+        values = np.zeros((len(self.layers), slots, width), np.float32)
+        values[..., 0] = 1.0
+        for i, entry in enumerate(self.layers):
+            for j, factor in enumerate(entry.factors):
+                rows[i, j] = position[factor.decision]
+                values[i, j, :len(factor.fractions)] = [float(f) for f in factor.fractions]
+        chosen = ops.take(picks, rows, axis=-2)  # [..., layers, slots, width]
+        return ops.prod(ops.sum(chosen * values, axis=-1), axis=-1)
 
     def _conversion_arrays(self):
         """A measured table's conversions as arrays, built once: the integer flags and, per kind, its costs and neighbours.
@@ -314,12 +362,14 @@ class CostModel:
         a_pick = ops.one_hot(ops.take(padded, a_rows, axis=-1), width)
         w_bits = ops.sum(w_pick * bits[w_rows], axis=-1)
         a_bits = ops.sum(a_pick * bits[a_rows], axis=-1)
+        if self.metric in ("bops", "size"):
+            scale = self._architecture_scale(ops.one_hot(padded, self._width()), decision_order)
         if self.metric == "bops":
             macs = np.array([e.macs for e in self.layers], np.float32)
             fixed = float(sum(e.fixed_bops for e in self.layers))
-            return ops.sum(macs * w_bits * a_bits, axis=-1) + fixed
+            return ops.sum(macs * scale * w_bits * a_bits, axis=-1) + fixed
         if self.metric == "size":
-            return ops.sum(np.array([e.params for e in self.layers], np.float32) * w_bits, axis=-1)
+            return ops.sum(np.array([e.params for e in self.layers], np.float32) * scale * w_bits, axis=-1)
         # A choice the table lacks stays NaN: no silent zero cost.
         layer_sum = ops.sum(ops.where(w_pick > 0, table, 0.0), axis=(-2, -1))
         return layer_sum + self._between_layers(w_pick)
@@ -333,6 +383,13 @@ class CostModel:
         a_rows = np.where(activations < 0, len(decision_order), activations)
         w_p, a_p = ops.take(p, w_rows, axis=0), ops.take(p, a_rows, axis=0)
         w_bits, a_bits = bits[w_rows], bits[a_rows]
+        if self.metric in ("bops", "size"):
+            # A layer's architecture decisions are distinct from each other and from its formats: E[product]
+            # is the product of expectations.
+            # The controller's rows are as wide as the decision with the most choices.
+            scale = self._architecture_scale(ops.concatenate(
+                [ops.cast(probabilities, "float32"),
+                 ops.one_hot(ops.zeros((1,), "int32"), self._width())], axis=0), decision_order)
         if self.metric == "bops":
             macs = np.array([e.macs for e in self.layers], np.float32)
             shared = (weights == activations) & (weights >= 0)
@@ -340,9 +397,9 @@ class CostModel:
             joint = ops.sum(w_p * w_bits * a_bits, axis=1)
             apart = ops.sum(w_p * w_bits, axis=1) * ops.sum(a_p * a_bits, axis=1)
             fixed = float(sum(e.fixed_bops for e in self.layers))
-            return ops.sum(macs * ops.where(shared, joint, apart)) + fixed
+            return ops.sum(macs * scale * ops.where(shared, joint, apart)) + fixed
         if self.metric == "size":
-            return ops.sum(np.array([e.params for e in self.layers], np.float32) * ops.sum(w_p * w_bits, axis=1))
+            return ops.sum(np.array([e.params for e in self.layers], np.float32) * scale * ops.sum(w_p * w_bits, axis=1))
         layer_sum = ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
         return layer_sum + self._between_layers(w_p)
 

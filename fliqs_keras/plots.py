@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from fliqs_keras import formats
+from fliqs_keras import architecture, formats
 from fliqs_keras.cost import CostModel
 
 
@@ -52,12 +52,14 @@ def search_figure(history: Sequence[Mapping[str, Any]], chosen_formats: Mapping[
     missing = set(chosen_formats) - set(history[-1]["probabilities"])
     if missing:
         raise ValueError(f"The history has no probabilities for decisions {sorted(missing)}.")
-    names = list(chosen_formats)
-    chosen = {name: formats.get(fmt) for name, fmt in chosen_formats.items()}
+    chosen = {name: architecture.choice(fmt) for name, fmt in chosen_formats.items()}
+    # The bars are the format decisions; a searched architecture's choices scale their layers' costs.
+    names = [name for name, fmt in chosen.items() if not architecture.is_architecture(fmt)]
     total = costs.cost(chosen)
     shares = dict.fromkeys(names, 0.0)
     for entry in costs.layers:
-        share = costs.layer_cost(entry, chosen.get(entry.weight_decision), chosen.get(entry.activation_decision))
+        share = costs.layer_cost(entry, chosen.get(entry.weight_decision), chosen.get(entry.activation_decision),
+                                 chosen)
         owner = entry.weight_decision if entry.weight_decision in shares else entry.activation_decision
         if owner in shares:
             shares[owner] += share / total if total else 0.0
@@ -75,7 +77,7 @@ def search_figure(history: Sequence[Mapping[str, Any]], chosen_formats: Mapping[
     left.set_yticks(list(rows), names, fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("bits of the chosen format (label: format, share of the cost)")
-    left.set_xlim(0, max(f.bits for f in chosen.values()) * 1.45)
+    left.set_xlim(0, max(chosen[n].bits for n in names) * 1.45)
     title = f"chosen formats: {costs.metric} {total:.4g}"
     if target:
         title += f" ({total / target:.2f}x the target)"
