@@ -17,7 +17,7 @@ from fliqs_keras import cost as cost_lib
 from fliqs_keras import files, formats, layers
 from fliqs_keras.graph import walk_layers
 from fliqs_keras.search_config import SearchConfig
-from fliqs_keras.search_model import decisions
+from fliqs_keras.search_model import check_plain, decisions
 
 KIND = "fliqs_keras.formats"
 VERSION = 1
@@ -38,6 +38,7 @@ def build_formats_file(model: keras.Model) -> dict[str, Any]:
     known = decisions(model)
     if not known:
         raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
+    check_plain(model, "The formats file")
     costs = cost_lib.CostModel(model, "bops")
     by_path = {entry.path: entry for entry in costs.layers}
     chosen, entries = {}, {}

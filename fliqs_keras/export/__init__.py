@@ -18,6 +18,7 @@ from absl import logging
 from fliqs_keras import files, formats, graph
 from fliqs_keras.export import annotations, float16, legalize, tflite
 from fliqs_keras.export.annotations import AnnotationCheck, verify_annotations
+from fliqs_keras.export.architecture import chosen_architecture
 from fliqs_keras.export.fixed import ExportedWeight, InputQuantizer, fixed_model, float_model
 from fliqs_keras.export.legalize import LayerPlan
 from fliqs_keras.formats_file import build_formats_file, check_matches, load_formats_file, save_formats_file
@@ -250,6 +251,6 @@ def _weight_bytes(content: bytes, kernels: dict[str, ExportedWeight]) -> dict[st
 
 __all__ = [
     "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
-    "build_formats_file", "check_matches", "fixed_model", "float_model", "load_formats_file", "save_formats_file",
+    "build_formats_file", "check_matches", "chosen_architecture", "fixed_model", "float_model", "load_formats_file", "save_formats_file",
     "tflite_content", "to_tflite", "verify_annotations",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 
 from fliqs_keras import formats, layers, quantizers
 from fliqs_keras.graph import sole_producer, walk_layers
+from fliqs_keras.search_model import check_plain
 
 
 @keras.saving.register_keras_serializable(package="fliqs_keras")
@@ -222,6 +223,7 @@ def _layer_at(model: keras.Model, path: str):
 
 
 def _searchable(model: keras.Model) -> dict[str, Any]:
+    check_plain(model, "The export")
     wrappers = {path: layer for path, layer in walk_layers(model) if layers.is_searchable(layer)}
     if not wrappers:
         raise ValueError(f"Model {model.name!r} has no searchable layers: make it with fliqs_keras.apply.")
