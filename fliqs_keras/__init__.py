@@ -1,7 +1,8 @@
 """fliqs_keras: one-shot mixed-precision integer and floating-point format search (FLIQS) for Keras 3.
 
 `apply` makes a searchable copy of a model, `FliqsSearch` searches its formats
-during `fit`, and `export` writes the result to a verified TFLite file. Where
+(and, for a model of `blocks`, its architecture) during `fit`, and `export`
+writes the result to a verified TFLite file. Where
 each part lives: docs/design.md.
 """
 
@@ -13,7 +14,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from fliqs_keras import (batch_norm, clipping, controller, cost, cost_tables, export, files, format_state, formats,
+from fliqs_keras import (architecture, batch_norm, blocks, clipping, controller, cost, cost_tables, export, files, format_state, formats,
                          formats_file, graph, layers, measure, models, quantizers, runtime, search, search_config,
                          search_step, wrapping)
 from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionQuantizeWrapper", "FliqsSearch", "FloatFormat", "IntFormat", "QuantizeConfig", "QuantizeWrapper",
-    "SearchConfig", "SearchModel", "SearchSpace", "__version__", "apply", "batch_norm", "clipping", "controller",
+    "SearchConfig", "SearchModel", "SearchSpace", "__version__", "apply", "architecture", "batch_norm", "blocks",
+    "clipping", "controller",
     "chosen_formats", "cost", "cost_tables", "decisions", "export", "files", "format_state", "formats", "formats_file",
     "graph", "layers", "measure", "measure_latency", "measure_size", "models", "quantizers", "reestimate_batch_norm",
     "report", "runtime", "search", "search_config", "search_step", "searchable_layers", "set_formats", "wrapping",

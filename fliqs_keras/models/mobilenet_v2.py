@@ -19,14 +19,14 @@ def _divisible(channels: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * channels else rounded
 
 
-def _inverted_residual(x, expansion, channels, stride, name):
+def _inverted_residual(x, expansion, channels, stride, name, kernel_size=3):
     inputs = x
     hidden = x.shape[-1] * expansion
     if expansion != 1:
         x = keras.layers.Conv2D(hidden, 1, use_bias=False, name=f"{name}_expand")(x)
         x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_expand_bn")(x)
         x = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(x)
-    x = keras.layers.DepthwiseConv2D(3, stride, padding="same", use_bias=False, name=f"{name}_depthwise")(x)
+    x = keras.layers.DepthwiseConv2D(kernel_size, stride, padding="same", use_bias=False, name=f"{name}_depthwise")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_depthwise_bn")(x)
     x = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(x)
     x = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_project")(x)
@@ -37,8 +37,16 @@ def _inverted_residual(x, expansion, channels, stride, name):
 
 
 def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 1.0,
-                 small_input: bool = False) -> keras.Model:
-    """MobileNetV2; the classifier outputs logits."""
+                 small_input: bool = False, kernel_size: int = 3, stages=BLOCKS) -> keras.Model:
+    """MobileNetV2; the classifier outputs logits.
+
+    Args:
+        input_shape, classes: the images and the number of classes.
+        width: the channel multiplier.
+        small_input: no stride in the stem and the second stage (28x28 or 32x32 images).
+        kernel_size: the depthwise kernels' side (3 in the paper).
+        stages: (expansion, output channels, blocks, first stride) per stage; `BLOCKS` by default.
+    """
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}.")
     inputs = keras.Input(input_shape, name="image")
@@ -47,12 +55,12 @@ def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 
     x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
     x = keras.layers.ReLU(6.0, name="stem_relu")(x)
     block = 0
-    for stage, (expansion, channels, repeats, stride) in enumerate(BLOCKS):
+    for stage, (expansion, channels, repeats, stride) in enumerate(stages):
         if small_input and stage == 1:
             stride = 1
         for index in range(repeats):
             x = _inverted_residual(x, expansion, _divisible(channels * width), stride if index == 0 else 1,
-                                   f"block{block}")
+                                   f"block{block}", kernel_size)
             block += 1
     x = keras.layers.Conv2D(_divisible(1280 * max(width, 1.0)), 1, use_bias=False, name="head_conv")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
