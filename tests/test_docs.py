@@ -17,7 +17,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md"))
 # Pages whose Python blocks train for more than a few seconds: they run with the slow tests.
-TRAINING_PAGES = {"README.md", "getting_started.md", "search.md", "export.md", "scale.md", "latency.md"}
+TRAINING_PAGES = {"README.md", "getting_started.md", "search.md", "export.md", "scale.md", "latency.md",
+                  "architecture_search.md"}
 
 
 def _blocks(page: pathlib.Path, language: str) -> list[str]:
