@@ -14,9 +14,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from fliqs_keras import (architecture, batch_norm, blocks, clipping, controller, cost, cost_tables, export, files, format_state, formats,
-                         formats_file, graph, layers, measure, models, quantizers, runtime, search, search_config,
-                         search_step, wrapping)
+from fliqs_keras import (architecture, batch_norm, blocks, clipping, controller, cost, cost_tables, export, files,
+                         format_state, formats, formats_file, graph, layers, measure, models, quantizers, runtime,
+                         search, search_config, search_step, wrapping)
 from fliqs_keras.batch_norm import reestimate as reestimate_batch_norm
 from fliqs_keras.search import FliqsSearch
 from fliqs_keras.formats import FloatFormat, IntFormat

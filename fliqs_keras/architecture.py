@@ -61,7 +61,7 @@ Choice = formats.Format | ArchitectureChoice
 
 
 def get(identifier: Any) -> ArchitectureChoice:
-    """The architecture choice named `identifier` (``"kernel5"``, ``"expand6"``, ``"width0.5"``, ``"keep"``, ``"skip"``).
+    """The architecture choice `identifier` names: ``"kernel5"``, ``"expand6"``, ``"width0.5"``, ``"keep"``, ``"skip"``.
 
     Raises:
         ValueError: naming the identifier when it is not an architecture choice.
@@ -96,7 +96,7 @@ def choice(identifier: Any) -> Choice:
 
 
 def rank(value: Choice) -> float:
-    """How much a choice computes, for ordering a decision's choices: bits of a format, the size of an architecture choice."""
+    """How much a choice computes, to order a decision's choices: a format's bits, an architecture choice's size."""
     return float(value.value) if isinstance(value, ArchitectureChoice) else float(value.bits)
 
 

@@ -162,7 +162,8 @@ class SkippableAdd(_Decides, keras.layers.Layer):
     def call(self, inputs):
         shortcut, branch = inputs
         # At "keep" this is shortcut + branch exactly (1.0 * x == x), as the plain block's Add.
-        return shortcut + self._pick("block", np.asarray(self.dimensions["block"].sizes, _numpy_dtype(branch.dtype))) * branch
+        keep = self._pick("block", np.asarray(self.dimensions["block"].sizes, _numpy_dtype(branch.dtype)))
+        return shortcut + keep * branch
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

@@ -223,7 +223,7 @@ class CostModel:
                          for e in self.layers))
 
     def uniform(self, fmt: Any) -> float:
-        """The cost of the model with every searchable layer in `fmt`, whatever its choices (at its largest architecture)."""
+        """The cost of the model with every searchable layer in `fmt`, whatever its choices (the largest architecture)."""
         fmt = formats.get(fmt)
         if self.table is not None:
             return self.table.cost({e.path: fmt if e.weight_choices else formats.get("fp32") for e in self.layers})
@@ -399,7 +399,8 @@ class CostModel:
             fixed = float(sum(e.fixed_bops for e in self.layers))
             return ops.sum(macs * scale * ops.where(shared, joint, apart)) + fixed
         if self.metric == "size":
-            return ops.sum(np.array([e.params for e in self.layers], np.float32) * scale * ops.sum(w_p * w_bits, axis=1))
+            params = np.array([e.params for e in self.layers], np.float32)
+            return ops.sum(params * scale * ops.sum(w_p * w_bits, axis=1))
         layer_sum = ops.sum(w_p * ops.convert_to_tensor(np.nan_to_num(table)))
         return layer_sum + self._between_layers(w_p)
 

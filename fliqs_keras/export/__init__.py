@@ -251,6 +251,6 @@ def _weight_bytes(content: bytes, kernels: dict[str, ExportedWeight]) -> dict[st
 
 __all__ = [
     "AnnotationCheck", "ExportVerificationError", "ExportedWeight", "InputQuantizer", "LayerPlan", "Verification",
-    "build_formats_file", "check_matches", "chosen_architecture", "fixed_model", "float_model", "load_formats_file", "save_formats_file",
-    "tflite_content", "to_tflite", "verify_annotations",
+    "build_formats_file", "check_matches", "chosen_architecture", "fixed_model", "float_model", "load_formats_file",
+    "save_formats_file", "tflite_content", "to_tflite", "verify_annotations",
 ]

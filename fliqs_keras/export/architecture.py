@@ -46,7 +46,7 @@ def _call(layer, *args, **kwargs):
 
 
 def _slice(value: np.ndarray, shape: tuple[int, ...], centred: int) -> np.ndarray:
-    """The part of `value` a layer of `shape` keeps: the leading channels, and the centre of the first `centred` axes."""
+    """The part of `value` a layer of `shape` keeps: leading channels, the centre of the first `centred` axes."""
     index = []
     for axis, (have, want) in enumerate(zip(value.shape, shape)):
         start = (have - want) // 2 if axis < centred else 0
