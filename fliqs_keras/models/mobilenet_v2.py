@@ -36,6 +36,22 @@ def _inverted_residual(x, expansion, channels, stride, name, kernel_size=3):
     return x
 
 
+def stem(inputs, width: float, small_input: bool):
+    """The 3x3 stem convolution with its batch norm and ReLU6."""
+    x = keras.layers.Conv2D(_divisible(32 * width), 3, 1 if small_input else 2, padding="same", use_bias=False,
+                            name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
+    return keras.layers.ReLU(6.0, name="stem_relu")(x)
+
+
+def head(x, classes: int):
+    """The head convolution's batch norm and ReLU6, the pooling and the classifier (logits)."""
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
+    x = keras.layers.ReLU(6.0, name="head_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.layers.Dense(classes, name="logits")(x)
+
+
 def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 1.0,
                  small_input: bool = False, kernel_size: int = 3, stages=BLOCKS) -> keras.Model:
     """MobileNetV2; the classifier outputs logits.
@@ -50,10 +66,7 @@ def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}.")
     inputs = keras.Input(input_shape, name="image")
-    x = keras.layers.Conv2D(_divisible(32 * width), 3, 1 if small_input else 2, padding="same", use_bias=False,
-                            name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
-    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    x = stem(inputs, width, small_input)
     block = 0
     for stage, (expansion, channels, repeats, stride) in enumerate(stages):
         if small_input and stage == 1:
@@ -63,7 +76,4 @@ def mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, width: float = 
                                    f"block{block}", kernel_size)
             block += 1
     x = keras.layers.Conv2D(_divisible(1280 * max(width, 1.0)), 1, use_bias=False, name="head_conv")(x)
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
-    x = keras.layers.ReLU(6.0, name="head_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="mobilenet_v2")
+    return keras.Model(inputs, head(x, classes), name="mobilenet_v2")

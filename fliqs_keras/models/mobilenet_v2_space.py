@@ -12,7 +12,7 @@ from typing import Sequence
 import keras
 
 from fliqs_keras import architecture, blocks
-from fliqs_keras.models.mobilenet_v2 import BLOCKS, _divisible
+from fliqs_keras.models.mobilenet_v2 import BLOCKS, _divisible, head, stem
 
 
 def _stage_width(stage: int, channels: int, widths: Sequence[float]) -> architecture.Dimension | int:
@@ -50,10 +50,7 @@ def searchable_mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, widt
     if not widths or max(widths) != 1.0:
         raise ValueError(f"widths must include 1.0 as the largest, got {list(widths)}.")
     inputs = keras.Input(input_shape, name="image")
-    x = keras.layers.Conv2D(_divisible(32 * width), 3, 1 if small_input else 2, padding="same", use_bias=False,
-                            name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="stem_bn")(x)
-    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    x = stem(inputs, width, small_input)
     block, incoming = 0, None
     for stage, (expansion, channels, repeats, stride) in enumerate(stages):
         if small_input and stage == 1:
@@ -66,12 +63,9 @@ def searchable_mobilenet_v2(input_shape=(224, 224, 3), classes: int = 1000, widt
                 skippable=skip and index > 0)
             incoming = output if isinstance(output, architecture.Dimension) else None
             block += 1
-    head = _divisible(1280 * max(width, 1.0))
+    channels = _divisible(1280 * max(width, 1.0))
     if incoming is None:
-        x = keras.layers.Conv2D(head, 1, use_bias=False, name="head_conv")(x)
+        x = keras.layers.Conv2D(channels, 1, use_bias=False, name="head_conv")(x)
     else:
-        x = blocks.MaskedConv2D(head, 1, use_bias=False, input_channels=incoming, name="head_conv")(x)
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name="head_bn")(x)
-    x = keras.layers.ReLU(6.0, name="head_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="mobilenet_v2_space")
+        x = blocks.MaskedConv2D(channels, 1, use_bias=False, input_channels=incoming, name="head_conv")(x)
+    return keras.Model(inputs, head(x, classes), name="mobilenet_v2_space")
