@@ -432,11 +432,15 @@ class CostModel:
         return value
 
 
-def _current_assignment(model) -> dict[str, formats.Format]:
+def _current_assignment(model) -> dict[str, architecture.Choice]:
+    """The choice every decision of `model`'s layers holds now: formats, and architecture choices."""
     assignment = {}
     for _, layer in walk_layers(model):
         if layers.is_searchable(layer):
             assignment.update(layer.current_formats())
+        inner = layer.layer if layers.is_searchable(layer) else layer
+        if blocks.is_architecture(inner):
+            assignment.update({name: architecture.get(c) for name, c in inner.current_choices().items()})
     return assignment
 
 
@@ -453,7 +457,10 @@ def size_bits(model: keras.Model, fmt: Any = None) -> float:
 
 
 def summary(model: keras.Model) -> str:
-    """A table per searchable layer: MACs, params, current format, BOPs and weight bytes."""
+    """A table per searchable layer: MACs, params, current format, BOPs and weight bytes.
+
+    A searched architecture's layers count the part their current choices use.
+    """
     cost = CostModel(model)
     assignment = _current_assignment(model)
     rows = []
@@ -462,8 +469,9 @@ def summary(model: keras.Model) -> str:
         activation = assignment.get(e.activation_decision)
         name = (weight.name if weight else "float") + (
             "" if activation == weight else f"/{activation.name if activation else 'float'}")
-        rows.append((e.path, e.macs, e.params, name, cost.layer_cost(e, weight, activation),
-                     e.params * bits(weight) / 8))
+        scale = e.scale(assignment)
+        rows.append((e.path, int(e.macs * scale), int(e.params * scale), name,
+                     cost.layer_cost(e, weight, activation, assignment), float(e.params * scale * bits(weight) / 8)))
     width = max(len(r[0]) for r in rows + [("layer",)])
     lines = [f"{'layer':<{width}} {'MACs':>14} {'params':>10} {'format':>12} {'GBOPs':>10} {'bytes':>12}"]
     lines += [f"{p:<{width}} {m:>14,} {n:>10,} {f:>12} {b / 1e9:>10.4f} {s:>12,.0f}" for p, m, n, f, b, s in rows]

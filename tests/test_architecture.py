@@ -181,6 +181,8 @@ def test_joint_search_draws_architecture_and_formats_in_one_step_and_saves(digit
     costs = cost.CostModel(model)
     assert search.final_cost_ratio <= 1.0 + 1e-6
     assert costs.cost(fliqs_keras.chosen_formats(model)) == pytest.approx(search.final_cost_ratio * search.target)
+    assert cost.bops(model) == costs.cost(fliqs_keras.chosen_formats(model))
+    assert f"{cost.bops(model) / 1e9:.4f}" in cost.summary(model).splitlines()[-1]
     # The search's figure draws the format decisions, their costs scaled by the chosen architecture.
     assert plots.search_figure(search.history, fliqs_keras.chosen_formats(model), search.costs,
                                tmp_path / "search.png", target=search.target).exists()
