@@ -156,6 +156,7 @@ def test_one_masked_path_whatever_the_number_of_choices():
     assert not {"If", "StatelessIf", "Case", "StatelessCase", "While"} & set(kinds)
 
 
+@pytest.mark.slow  # a search of 40 steps, traced with every decision: 40 s
 def test_joint_search_draws_architecture_and_formats_in_one_step_and_saves(digits, tmp_path):
     keras.utils.set_random_seed(0)
     model = fliqs_keras.apply(models.searchable_mobilenet_v2(**TINY), {"*": ["int4", "int8"], "logits": "int8"})
