@@ -129,9 +129,7 @@ class Dimension:
         return max(self.sizes)
 
     def size(self, chosen: Any) -> int:
-        """The size that choice `chosen` (an index, a choice or its name) sets."""
-        if isinstance(chosen, int):
-            return self.sizes[chosen]
+        """The size that choice `chosen` (a choice or its name) sets."""
         return self.sizes[self.choices.index(get(chosen))]
 
     def get_config(self) -> dict[str, Any]:

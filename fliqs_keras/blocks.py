@@ -91,7 +91,7 @@ class _Decides:
     def _pick(self, role: str, table: np.ndarray):
         """The row of `table` ([choices, ...], one row per choice of dimension `role`) the current choice selects.
 
-        Masks are tables of constants built once, so a step reads its choice with one gather.
+        Masks are tables of constants built when the step is traced, so a step reads its choice with one gather.
         """
         self._ensure_state()
         return ops.take(ops.convert_to_tensor(table), self._format_state.index(self.dimensions[role].decision), axis=0)
@@ -237,6 +237,8 @@ class MaskedDepthwiseConv2D(_Decides, keras.layers.DepthwiseConv2D):
     def __init__(self, *args, kernel=None, channels=None, block=None, initial_choices=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_dimensions({"kernel": kernel, "channels": channels, "block": block}, initial_choices)
+        if self.data_format != "channels_last":
+            raise ValueError(f"MaskedDepthwiseConv2D {self.name!r} needs data_format='channels_last'.")
         if "kernel" in self.dimensions:
             sides = self.dimensions["kernel"].sizes
             if any(s % 2 == 0 for s in sides) or self.kernel_size != (max(sides),) * 2:
