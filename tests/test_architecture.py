@@ -100,6 +100,7 @@ def test_largest_choices_compute_exactly_the_plain_mobilenet_v2(quantized):
     np.testing.assert_array_equal(space(x, training=False), plain(x, training=False))
 
 
+@pytest.mark.slow  # training, then a TFLite export and its verification: 30 s
 def test_exported_architecture_has_the_chosen_shapes_its_cost_and_the_searchable_outputs(digits, tmp_path):
     keras.utils.set_random_seed(0)
     model = fliqs_keras.apply(models.searchable_mobilenet_v2(**TINY), ["int4", "int8"])
