@@ -100,8 +100,8 @@ def test_largest_choices_compute_exactly_the_plain_mobilenet_v2(quantized):
     np.testing.assert_array_equal(space(x, training=False), plain(x, training=False))
 
 
-@pytest.mark.slow  # training, then a TFLite export and its verification: 30 s
-def test_exported_architecture_has_the_chosen_shapes_its_cost_and_the_searchable_outputs(digits, tmp_path):
+def _exported(digits, train: bool):
+    """The tiny space at a drawn architecture with a skipped block, kernel 5, expand3 and width 0.5, and its export."""
     keras.utils.set_random_seed(0)
     model = fliqs_keras.apply(models.searchable_mobilenet_v2(**TINY), ["int4", "int8"])
     model.compile(keras.optimizers.Adam(1e-3), _loss())
@@ -110,8 +110,13 @@ def test_exported_architecture_has_the_chosen_shapes_its_cost_and_the_searchable
                     "stage1/width": "width0.5"})
     fliqs_keras.set_formats(model, choices)
     (x, y), _ = digits
-    model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0)  # trains the choices and their input clips
-    plain = chosen_architecture(model)
+    if train:
+        model.fit(x[:256], y[:256], batch_size=32, epochs=1, verbose=0)  # trains the choices and their input clips
+    return model, chosen_architecture(model), x[:256]
+
+
+def test_exported_architecture_has_the_chosen_shapes_its_cost_and_the_searchable_outputs(digits):
+    model, plain, x = _exported(digits, train=False)
     assert not fliqs_keras.search_model.architecture_layers(plain)
     names = {layer.name for layer in plain.layers}
     assert "block2_expand" not in names and "block2_add" not in names  # the skipped block left nothing behind
@@ -120,22 +125,28 @@ def test_exported_architecture_has_the_chosen_shapes_its_cost_and_the_searchable
     assert plain.get_layer("block1_project").layer.kernel.shape == (1, 1, 24, 8)  # width0.5 of 16
     assert plain.get_layer("block3_expand").layer.kernel.shape[2] == 8  # reads the narrowed stage
 
+    chosen = fliqs_keras.chosen_formats(model)
     for metric in ("bops", "size"):
         searched, exported = cost.CostModel(model, metric), cost.CostModel(plain, metric)
         want = exported.cost(fliqs_keras.chosen_formats(plain))
-        assert searched.cost(fliqs_keras.chosen_formats(model)) == want
-        indices = np.array([fliqs_keras.decisions(model)[n].index(architecture.choice(choices[n]))
+        assert searched.cost(chosen) == want
+        indices = np.array([fliqs_keras.decisions(model)[n].index(architecture.choice(chosen[n]))
                             for n in model.decision_names], np.int32)
         assert float(searched.graph_cost(indices, model.decision_names)) == pytest.approx(want, rel=1e-6)
+    np.testing.assert_allclose(plain(x, training=False), model(x, training=False), atol=1e-4)
 
-    want = keras.ops.convert_to_numpy(model(x[:256], training=False))
-    np.testing.assert_allclose(plain(x[:256], training=False), want, atol=1e-4)
-    verification = fliqs_keras.export.to_tflite(plain, tmp_path / "chosen.tflite", x[:256], verify_samples=256)
+
+@pytest.mark.slow  # training, then a TFLite export and its verification: 30 s
+def test_exported_architecture_in_tflite_agrees_with_the_searchable_model(digits, tmp_path):
+    model, plain, x = _exported(digits, train=True)
+    want = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(plain(x, training=False), want, atol=1e-4)
+    verification = fliqs_keras.export.to_tflite(plain, tmp_path / "chosen.tflite", x, verify_samples=len(x))
     from ai_edge_litert import interpreter
 
     runner = interpreter.Interpreter(model_path=str(tmp_path / "chosen.tflite")).get_signature_runner()
     input_name, output_name = next(iter(runner.get_input_details())), next(iter(runner.get_output_details()))
-    got = np.concatenate([runner(**{input_name: row[None]})[output_name] for row in x[:256]])
+    got = np.concatenate([runner(**{input_name: row[None]})[output_name] for row in x])
     agreement = float(np.mean(got.argmax(-1) == want.argmax(-1)))
     assert agreement >= 0.97 and verification.argmax_agreement >= 0.97, (agreement, verification)
     record = fliqs_keras.export.build_formats_file(plain)
