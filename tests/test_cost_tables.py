@@ -221,7 +221,9 @@ def test_a_latency_search_lands_within_15_percent_of_its_target_in_the_measured_
     searchable = fliqs_keras.apply(keras.Model(inputs, outputs), fliqs_keras.SearchSpace(SPACE,
                                                                                          separate_activations=True))
     table = measure.measure_latency(searchable, progress=False)
-    search = fliqs_keras.FliqsSearch(cost="latency", cost_table=table, target="int8*1.15", max_cost_ratio=1.0,
+    # The test asks where the file lands against the target: beta 4 makes the reward hold the target, where beta 1
+    # let some runs settle 20-25% under it (trading cost for quality), with the table's prediction still right.
+    search = fliqs_keras.FliqsSearch(cost="latency", cost_table=table, target="int8*1.15", max_cost_ratio=1.0, beta=4.0,
                                      quality="loss", warmup=0.2, freeze_at=0.8)
     searchable.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     searchable.fit(x[:1500], y[:1500], epochs=2, batch_size=32, verbose=0, callbacks=[search])
