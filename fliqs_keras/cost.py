@@ -173,6 +173,7 @@ class CostModel:
         for entry in self.layers:
             for factor in entry.factors:
                 self.architecture.setdefault(factor.decision, factor.choices)
+        self._architecture_cache: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         if metric in TABLE_METRICS and self.architecture:
             raise ValueError(f"The {metric!r} cost keys a layer by its format only, and this model also searches "
                              f"its architecture ({len(self.architecture)} decisions); search it in 'bops' or 'size'.")
@@ -280,21 +281,31 @@ class CostModel:
         """The most choices of any decision: the width of the controller's rows."""
         return max([len(choices) for choices in {**self.decisions, **self.architecture}.values()])
 
+    def _architecture_arrays(self, decision_order: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer and factor: its decision's row (`len(decision_order)`: no factor) and its value per choice.
+
+        Built once per decision order: the budget's local search costs many batches of policies.
+        """
+        key = tuple(decision_order)
+        if key not in self._architecture_cache:
+            position = {name: i for i, name in enumerate(decision_order)}
+            slots = max(len(e.factors) for e in self.layers)
+            rows = np.full((len(self.layers), slots), len(decision_order), np.int32)
+            values = np.zeros((len(self.layers), slots, self._width()), np.float32)
+            values[..., 0] = 1.0
+            for i, entry in enumerate(self.layers):
+                for j, factor in enumerate(entry.factors):
+                    rows[i, j] = position[factor.decision]
+                    values[i, j, :len(factor.fractions)] = [float(f) for f in factor.fractions]
+            self._architecture_cache[key] = rows, values
+        return self._architecture_cache[key]
+
     def _architecture_scale(self, picks, decision_order: list[str]):
         """Per layer, the part its architecture choices use, from `picks` ([..., decisions + 1, width]: one-hot
         choices or probabilities, the last row picking choice 0)."""
         if not self.architecture:
             return 1.0
-        position = {name: i for i, name in enumerate(decision_order)}
-        slots = max(len(e.factors) for e in self.layers)
-        width = self._width()
-        rows = np.full((len(self.layers), slots), len(decision_order), np.int32)  # the last row: no factor
-        values = np.zeros((len(self.layers), slots, width), np.float32)
-        values[..., 0] = 1.0
-        for i, entry in enumerate(self.layers):
-            for j, factor in enumerate(entry.factors):
-                rows[i, j] = position[factor.decision]
-                values[i, j, :len(factor.fractions)] = [float(f) for f in factor.fractions]
+        rows, values = self._architecture_arrays(decision_order)
         chosen = ops.take(picks, rows, axis=-2)  # [..., layers, slots, width]
         return ops.prod(ops.sum(chosen * values, axis=-1), axis=-1)
 
@@ -386,10 +397,7 @@ class CostModel:
         if self.metric in ("bops", "size"):
             # A layer's architecture decisions are distinct from each other and from its formats: E[product]
             # is the product of expectations.
-            # The controller's rows are as wide as the decision with the most choices.
-            scale = self._architecture_scale(ops.concatenate(
-                [ops.cast(probabilities, "float32"),
-                 ops.one_hot(ops.zeros((1,), "int32"), self._width())], axis=0), decision_order)
+            scale = self._architecture_scale(p, decision_order)
         if self.metric == "bops":
             macs = np.array([e.macs for e in self.layers], np.float32)
             shared = (weights == activations) & (weights >= 0)
