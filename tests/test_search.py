@@ -117,6 +117,11 @@ def test_max_cost_ratio_keeps_the_most_probable_formats_within_the_budget(digits
     assert seen[6:] == [chosen, chosen]  # the kept formats train from the freeze (step 6 of 8) on
     assert {w.name: w.current_formats()[w.name].name for w in fliqs_keras.searchable_layers(model)} == chosen
     assert any("kept the most probable formats found within it" in r.getMessage() for r in caplog.records)
+    # Kept 0.77 of the target: the end names the budget as the cause, not the reward.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert search.final_cost_ratio < 0.9 and len(warnings) == 1, warnings
+    assert "the argmax formats cost 4.000 of the target, over max_cost_ratio=1" in warnings[0]
+    assert "Raise max_cost_ratio" in warnings[0] and "beta" not in warnings[0]
     model.save(tmp_path / "kept.keras")
     assert fliqs_keras.chosen_formats(keras.models.load_model(tmp_path / "kept.keras")) == chosen
     with pytest.raises(ValueError, match="max_cost_ratio must be a number > 0"):
