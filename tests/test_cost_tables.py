@@ -220,16 +220,18 @@ def test_a_latency_search_lands_within_15_percent_of_its_target_in_the_measured_
     outputs = keras.layers.Dense(10, name="logits")(keras.layers.GlobalAveragePooling2D()(h))
     searchable = fliqs_keras.apply(keras.Model(inputs, outputs), fliqs_keras.SearchSpace(SPACE,
                                                                                          separate_activations=True))
-    table = measure.measure_latency(searchable, progress=False)
-    # The test asks where the file lands against the target: beta 4 makes the reward hold the target, where beta 1
-    # let some runs settle 20-25% under it (trading cost for quality), with the table's prediction still right.
-    search = fliqs_keras.FliqsSearch(cost="latency", cost_table=table, target="int8*1.15", max_cost_ratio=1.0, beta=4.0,
+    # Files of 0.15 ms: at the default invokes, timing noise alone moved the same policy's file 20% from one run to
+    # the next here; at these, the files landed within 3% of their prediction. They take seconds more.
+    table = measure.measure_latency(searchable, invokes=200, calibration=8, progress=False)
+    # The reward alone holds the target: a budget (max_cost_ratio) keeps the most probable formats under it, which
+    # in a latency table with gaps can lie 15-20% under the target (measured here: argmax 1.06, kept 0.89).
+    search = fliqs_keras.FliqsSearch(cost="latency", cost_table=table, target="int8*1.15", beta=4.0,
                                      quality="loss", warmup=0.2, freeze_at=0.8)
     searchable.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     searchable.fit(x[:1500], y[:1500], epochs=2, batch_size=32, verbose=0, callbacks=[search])
     export.to_tflite(searchable, tmp_path / "searched.tflite", x[1500:], min_agreement=0.9)
     times = runtime.time_files({"searched": (tmp_path / "searched.tflite").read_bytes(),
-                                "reference": measure.reference_file(searchable, table)}, invokes=200)
+                                "reference": measure.reference_file(searchable, table)}, invokes=1000)
     speed = times["reference"].median_ms / table.cost(measure.weight_formats(searchable, table.reference))
     measured = times["searched"].median_ms / speed
     assert measured == pytest.approx(search.target, rel=0.15), (measured, search.target,
