@@ -157,6 +157,7 @@ def test_the_compiled_cost_and_its_expectation_agree_with_the_table(measured):
         assert float(costs.expected_cost(one_hot, names)) == pytest.approx(value, rel=1e-5)
 
 
+@pytest.mark.slow  # a 256-channel model's files exported per layer and whole (22 s)
 def test_measured_sizes_add_up_to_the_file(tmp_path):
     model = _searchable(width=256)
     table = measure.measure_size(model, progress=False)

@@ -44,6 +44,7 @@ def _search(tmp_path, *flags, epochs=1, examples=384):
         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow  # the main job in a process of its own: a search, two references, the export (100 s)
 def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
     # Enough training for a model whose argmaxes are not near-ties (72% test accuracy, 0.976 agreement here).
     result = _search(tmp_path, "--search_space=int4,int8,e4m3", "--target=int8*0.5", epochs=3, examples=1024)

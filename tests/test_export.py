@@ -174,6 +174,7 @@ def test_tflite_holds_the_trained_integers(trained, tmp_path):
             variable.assign(value)
 
 
+@pytest.mark.slow  # three epochs of MNIST training before the export (26 s)
 def test_residual_blocks_whose_input_feeds_layers_of_different_grids_agree(tmp_path):
     """A block input read by an INT4 and an INT2 layer, each with its own clip: no grid may round the other's."""
     (x_train, y_train), (x_test, _) = data.mnist_digits(seed=0)

@@ -129,6 +129,7 @@ def vit_int8():
     return searchable, np.concatenate([x_test, x])
 
 
+@pytest.mark.slow  # a ViT trained, then exported with its attention in INT8 (28 s)
 def test_vit_with_int8_attention_stores_int8_projections_and_agrees(vit_int8, tmp_path):
     searchable, inputs = vit_int8
     path = tmp_path / "vit.tflite"

@@ -290,6 +290,7 @@ def test_bad_input(digits):
                   callbacks=[fliqs_keras.FliqsSearch(validation_data=(held_out[0], held_out[1][:3]))])
 
 
+@pytest.mark.slow  # a search under MirroredStrategy, compiled per replica (22 s)
 def test_mirrored_strategy_replicas_draw_identical_formats(tmp_path):
     script = ROOT / "tests" / "mirrored_search.py"
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
