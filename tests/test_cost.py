@@ -70,6 +70,7 @@ def test_current_formats_and_summary():
     assert "conv" in table and "int8" in table and "2,592" in table and "fc" not in table.split("total")[0]
 
 
+@pytest.mark.slow  # two Keras applications built at 224 and wrapped whole (18 s)
 @pytest.mark.parametrize("application,expected", [("MobileNetV2", 77.0e9), ("ResNet50", 987.6e9)])
 def test_paper_bf16_costs_of_keras_applications(application, expected):
     model = getattr(keras.applications, application)(weights=None)

@@ -123,6 +123,7 @@ def test_search_script_refuses_multi_worker_and_unknown_strategies(tmp_path):
     assert result.returncode != 0 and "--data_dir" in result.stderr
 
 
+@pytest.mark.slow  # five runs of the script, each in a process of its own (12 s)
 def test_search_script_refuses_nothing_to_train_and_an_output_under_a_file(tmp_path):
     for flag in ("--epochs=0", "--epochs=-3", "--batch_size=0"):
         result = _search(tmp_path, flag)  # after the helper's own flags: the last one counts

@@ -344,6 +344,7 @@ def test_legalization_maps_each_format_to_what_tflite_runs(layer_type, weight, a
     assert "layer" in legalize.report([plan])
 
 
+@pytest.mark.slow  # the export script in a process of its own (19 s)
 def test_export_script_applies_a_formats_file_and_writes_everything(trained, tmp_path):
     model, _, (x_test, _) = trained
     _set(model, "int8")

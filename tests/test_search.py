@@ -140,6 +140,7 @@ def test_same_seed_same_policy_and_steps_per_execution_does_not_matter(digits):
     assert fliqs_keras.chosen_formats(first) == fliqs_keras.chosen_formats(multi)
 
 
+@pytest.mark.slow  # a search run whole and again interrupted and resumed (17 s)
 def test_an_interrupted_search_resumes_to_the_same_policy(digits, tmp_path):
     reference, _, _ = _search(digits, epochs=3, seed=4)
 
