@@ -210,7 +210,7 @@ class FliqsSearch(keras.callbacks.Callback):
             raise ValueError("FliqsSearch cannot tell the number of training steps; pass total_steps=...")
         self.step = SearchStep(model, self.config, self.costs, self.target, total, self.held_out)
         model.format_state.keep(None)
-        self._kept, self.budget_changes = False, {}
+        self._kept, self.budget_changes, self._argmax_cost_ratio = False, {}, None
         model.start_search(self.step, self.config)
         if self.log_dir:
             import tensorflow as tf
