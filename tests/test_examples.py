@@ -81,19 +81,21 @@ def test_search_script_runs_end_to_end_and_writes_everything(tmp_path):
 
 @pytest.mark.slow
 def test_search_script_searches_for_latency_with_a_table_it_measures_once(tmp_path):
+    # Uniform INT8 is one of the space's own policies, so its measured latency is always a reachable target; a
+    # factor over it is not, when INT8 happens to time as the dearest format.
     result = _search(tmp_path, "--cost=latency", "--model=small_cnn", "--search_space=int4,int8,e4m3",
-                     "--target=int8*1.1", "--references=float", "--noexport_tflite")
+                     "--target=int8", "--references=float", "--noexport_tflite")
     assert result.returncode == 0, result.stderr[-3000:]
     tables = list(tmp_path.glob("latency_table_*.json"))
     assert len(tables) == 1
     table = fliqs_keras.cost_tables.load(tables[0])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["cost_metric"] == "latency" and set(table.layers) >= {"conv1", "logits"}, table.layers
-    assert results["target_cost"] == pytest.approx(1.1 * results["uniform_int8_cost"])
+    assert results["target_cost"] == pytest.approx(results["uniform_int8_cost"])
     assert "Measured the latency table" in result.stdout and "XNNPACK" not in result.stdout + result.stderr
     # A second run on the same model and threads reads the table instead of measuring it.
     again = _search(tmp_path, "--cost=latency", "--model=small_cnn", "--search_space=int4,int8,e4m3",
-                    "--target=int8*1.1", "--references=float", "--noexport_tflite")
+                    "--target=int8", "--references=float", "--noexport_tflite")
     assert again.returncode == 0 and list(tmp_path.glob("latency_table_*.json")) == tables
     assert "Using the latency table measured before" in again.stdout
 
