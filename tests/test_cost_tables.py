@@ -110,9 +110,14 @@ def test_targets_are_milliseconds_or_a_uniform_format_s_latency(measured):
     costs = cost.CostModel(model, "latency", table)
     int8 = costs.uniform("int8")
     assert int8 == pytest.approx(table.cost({p: "int8" for p in table.layers}))
-    assert costs.target("int8*0.9") == pytest.approx(0.9 * int8)
+    assert costs.target("int8") == pytest.approx(int8)
     low, high = costs.bounds()
     assert costs.target((low + high) / 2) == pytest.approx((low + high) / 2)
+    # A measured INT8 can be the cheapest or the dearest policy, so a fixed factor over it may lie outside the
+    # bounds: the factor here aims at their middle.
+    factor = round((low + high) / 2 / int8, 4)
+    assert costs.target(f"int8*{factor}") == pytest.approx(factor * int8)
+    assert costs.target(("int8", factor)) == pytest.approx(factor * int8)
     with pytest.raises(ValueError, match="outside what the search space can reach"):
         costs.target(high * 2)
 
